@@ -146,7 +146,7 @@ def _run(x, grad_out, offsets, ref, backend: str):
     d_in, d_out = x.shape[1], grad_out.shape[1]
     gram = [ref is None and gram_is_cheaper(e - s, d_in, d_out) for s, e in zip(bounds[:-1], bounds[1:])]
     if name == "triton":
-        return _triton_module().slice_stats_triton(x, grad_out, offsets.to(x.device), bounds, ref, gram)
+        return _triton_module().slice_stats_triton(x, grad_out, bounds, ref, gram)
     if name == "cpp":
         out = _cpp_module().slice_stats(x, grad_out, bounds, ref, gram)
         return out[0], out[1], (out[2] if ref is not None else None), (out[3] if ref is not None else None)
@@ -158,7 +158,7 @@ def _slice_stats_op(
     x: torch.Tensor, grad_out: torch.Tensor, offsets: torch.Tensor, ref: torch.Tensor | None, backend: str
 ) -> list[torch.Tensor]:
     out = _run(x, grad_out, offsets, ref, backend)
-    return [t for t in out if t is not None]
+    return [t if t._base is None else t.clone() for t in out if t is not None]  # outputs may not alias
 
 
 @_slice_stats_op.register_fake
@@ -200,7 +200,11 @@ def slice_stats(
     _check_args(x, grad_out, offsets, ref)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    out = _slice_stats_op(x, grad_out, offsets.to(torch.int64), ref, backend)
+    offsets = offsets.to(torch.int64)
+    if torch.compiler.is_compiling():  # the registered op, so torch.compile can trace through it
+        out = _slice_stats_op(x, grad_out, offsets, ref, backend)
+    else:  # eager: the same implementation without the op layer's per-call overhead
+        out = [t for t in _run(x, grad_out, offsets, ref, backend) if t is not None]
     return SliceStats(*out) if ref is not None else SliceStats(out[0], out[1])
 
 

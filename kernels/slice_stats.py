@@ -2,29 +2,35 @@
 
 Two routes, both over samples packed without padding (``offsets``, like ``cu_seqlens``):
 
-* direct — one program per (BM × BN tile of G, group of samples): the tile of G_b is built in
-  registers with ``tl.dot`` over the sample's tokens, then reduced in the epilogue to its rows' and
-  columns' squared norms and dot products with the R tile, which is loaded once per program and
-  reused for every sample of the group. 2·T·d_in·d_out FLOPs per sample.
+* direct — a program per (BM × BN tile of G, group of samples) runs one software-pipelined loop over
+  the group's token blocks, building the tile of G_b with ``tl.dot``; at each sample's last block the
+  tile is reduced in the epilogue to its rows' and columns' squared norms and dot products with the R
+  tile, which is loaded once per program and reused for every sample of the group. 2·T·d_in·d_out FLOPs.
 * Gram (norms only) — r² = diag(Δᵀ(XXᵀ)Δ), c² = diag(Xᵀ(ΔΔᵀ)X): the T × T Gram matrix of each sample,
   then one pass that multiplies it into the other operand and reduces. ≈4T²(d_in+d_out) FLOPs.
 
 Reductions across tiles go through partial-sum buffers summed in a fixed order, never atomics, so a
-fixed configuration is bit-for-bit deterministic. The direct route's buffers hold
-B·(d_out·⌈d_in/BN⌉ + d_in·⌈d_out/BM⌉) floats: with BM = BN = 128 that is 1/64 of B·d_in·d_out.
+fixed configuration is bit-for-bit deterministic; configurations are tuned once per shape and kept
+in a JSON cache so that later processes reuse them. The direct route's buffers hold
+B·(d_out·⌈d_in/BN⌉ + d_in·⌈d_out/BM⌉) floats per statistic: with BM = BN = 128, 1/64 of B·d_in·d_out
+for the norms and as much again for the dot products with R.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-TILE = 128  # BM = BN on a GPU: fixes the partial-buffer size (1/64 of B·d_in·d_out) for every config
-INTERPRET_TILE = 16  # small tiles under TRITON_INTERPRET=1, so CPU tests cross tile edges cheaply
+TILE = 128  # BM = BN on a GPU
+BLOCK_K = 64  # tokens per pipelined step on a GPU
+INTERPRET_TILE = 16  # BM = BN = BK under TRITON_INTERPRET=1, so CPU tests cross tile edges cheaply
+CONFIGS = [(w, s) for w in (8, 4) for s in (3, 4, 5)]  # (num_warps, num_stages) tried for the direct kernel
 
 
 def _interpreting() -> bool:
@@ -35,18 +41,23 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-@triton.jit(do_not_specialize=["n_sel", "per"])
+@triton.jit(do_not_specialize=["n_out"])
 def _direct_kernel(
-    X, D, R, OFF, SIDS,
-    ROW_SQ, COL_SQ, ROW_DOT, COL_DOT,
-    n_sel, per, d_in, d_out,
+    X, D, R, GRP, BLK_T0, BLK_END, BLK_OUT, ROW, COL,
+    n_out, d_in, d_out,
     stride_xt, stride_xj, stride_dt, stride_di, stride_ri, stride_rj,
     HAS_REF: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """Program (tile, group of `per` samples): rows ROW_*[tj, k, i] and columns COL_*[ti, k, j] of the partial buffers."""
+    """Program (tile, group): the group's token blocks [GRP[g], GRP[g+1]) in one pipelined loop.
+
+    Block `it` covers tokens [BLK_T0[it], min(BLK_T0[it] + BK, BLK_END[it])) of sample BLK_OUT[it];
+    at a sample's last block the tile of G_b is reduced into ROW[q, tj, b, i] and COL[q, ti, b, j]
+    (q = 0 squares, q = 1 dot products with R) and the accumulator starts again from zero.
+    """
     pid = tl.program_id(0)
     n_tn = tl.cdiv(d_in, BN)
+    n_tm = tl.cdiv(d_out, BM)
     ti = pid // n_tn
     tj = pid % n_tn
     offs_i = ti * BM + tl.arange(0, BM)
@@ -56,41 +67,31 @@ def _direct_kernel(
     if HAS_REF:
         r = tl.load(R + offs_i[:, None] * stride_ri + offs_j[None, :] * stride_rj,
                     mask=mi[:, None] & mj[None, :], other=0.0).to(tl.float32)
-    for kk in range(0, per):
-        k = tl.program_id(1) * per + kk
-        b = tl.load(SIDS + k, mask=k < n_sel, other=0)
-        start = tl.load(OFF + b)
-        end = tl.where(k < n_sel, tl.load(OFF + b + 1), start)  # past the group's end: no tokens, no store
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for t0 in range(start, end, BK):
-            offs_t = t0 + tl.arange(0, BK)
-            mt = offs_t < end
-            d_t = tl.load(D + offs_i[:, None] * stride_di + offs_t[None, :] * stride_dt,
-                          mask=mi[:, None] & mt[None, :], other=0.0)  # (BM, BK): Δᵀ tile
-            x = tl.load(X + offs_t[:, None] * stride_xt + offs_j[None, :] * stride_xj,
-                        mask=mt[:, None] & mj[None, :], other=0.0)  # (BK, BN)
-            acc = tl.dot(d_t, x, acc, input_precision=DOT_PRECISION)
-        sq = acc * acc
-        row_at = (tj * n_sel + k).to(tl.int64) * d_out + offs_i
-        col_at = (ti * n_sel + k).to(tl.int64) * d_in + offs_j
-        valid = k < n_sel
-        tl.store(ROW_SQ + row_at, tl.sum(sq, axis=1), mask=mi & valid)
-        tl.store(COL_SQ + col_at, tl.sum(sq, axis=0), mask=mj & valid)
-        if HAS_REF:
-            gr = acc * r
-            tl.store(ROW_DOT + row_at, tl.sum(gr, axis=1), mask=mi & valid)
-            tl.store(COL_DOT + col_at, tl.sum(gr, axis=0), mask=mj & valid)
-
-
-_DIRECT_CONFIGS = [
-    triton.Config({"BK": bk}, num_warps=w, num_stages=s)
-    for bk in (32, 64)
-    for w in (4, 8)
-    for s in (3, 4)
-]
-_direct_tuned = triton.autotune(
-    _DIRECT_CONFIGS, key=["d_in", "d_out", "HAS_REF", "DOT_PRECISION"], cache_results=True
-)(_direct_kernel)
+    lo = tl.load(GRP + tl.program_id(1))
+    hi = tl.load(GRP + tl.program_id(1) + 1)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for it in range(lo, hi):
+        t0 = tl.load(BLK_T0 + it)
+        end = tl.load(BLK_END + it)
+        offs_t = t0 + tl.arange(0, BK)
+        mt = offs_t < end
+        d_t = tl.load(D + offs_i[:, None] * stride_di + offs_t[None, :] * stride_dt,
+                      mask=mi[:, None] & mt[None, :], other=0.0)  # (BM, BK): Δᵀ tile
+        x = tl.load(X + offs_t[:, None] * stride_xt + offs_j[None, :] * stride_xj,
+                    mask=mt[:, None] & mj[None, :], other=0.0)  # (BK, BN)
+        acc = tl.dot(d_t, x, acc, input_precision=DOT_PRECISION)
+        if t0 + BK >= end:
+            b = tl.load(BLK_OUT + it)
+            row_at = (tj * n_out + b).to(tl.int64) * d_out + offs_i
+            col_at = (ti * n_out + b).to(tl.int64) * d_in + offs_j
+            sq = acc * acc
+            tl.store(ROW + row_at, tl.sum(sq, axis=1), mask=mi)
+            tl.store(COL + col_at, tl.sum(sq, axis=0), mask=mj)
+            if HAS_REF:
+                gr = acc * r
+                tl.store(ROW + n_tn * n_out * d_out + row_at, tl.sum(gr, axis=1), mask=mi)
+                tl.store(COL + n_tm * n_out * d_in + col_at, tl.sum(gr, axis=0), mask=mj)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
 
 
 @triton.jit
@@ -153,44 +154,6 @@ def _gram_apply_kernel(
         tl.store(OUT + (tt * n_sel + k).to(tl.int64) * d + offs_d, tl.sum(acc * y_t, axis=0), mask=md)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _direct(x, grad_out, offsets, ref, ids, n_tok_max):
-    """Direct route for samples ``ids`` (int32 on the device); returns four (len(ids), d) tensors."""
-    n_sel = ids.numel()
-    d_in, d_out = x.shape[1], grad_out.shape[1]
-    tile = INTERPRET_TILE if _interpreting() else TILE
-    n_tm, n_tn = triton.cdiv(d_out, tile), triton.cdiv(d_in, tile)
-    n_tiles = n_tm * n_tn
-    per = triton.cdiv(n_sel, min(n_sel, triton.cdiv(2 * _num_sms(x.device), n_tiles)))
-    grid = (n_tiles, triton.cdiv(n_sel, per))
-    kw = dict(dtype=torch.float32, device=x.device)
-    row_sq, col_sq = torch.empty(n_tn, n_sel, d_out, **kw), torch.empty(n_tm, n_sel, d_in, **kw)
-    has_ref = ref is not None
-    row_dot = torch.empty_like(row_sq) if has_ref else row_sq
-    col_dot = torch.empty_like(col_sq) if has_ref else col_sq
-    r = ref if has_ref else x
-    args = (
-        x, grad_out, r, offsets, ids, row_sq, col_sq, row_dot, col_dot, n_sel, per, d_in, d_out,
-        x.stride(0), x.stride(1), grad_out.stride(0), grad_out.stride(1),
-        r.stride(0) if has_ref else 0, r.stride(1) if has_ref else 0,
-    )
-    meta = dict(HAS_REF=has_ref, DOT_PRECISION=_dot_precision(x.dtype), BM=tile, BN=tile)
-    if _interpreting():
-        _direct_kernel[grid](*args, **meta, BK=INTERPRET_TILE)
-    else:
-        _direct_tuned[grid](*args, **meta)
-    out = [row_sq.sum(0), col_sq.sum(0)]
-    if has_ref:
-        out += [row_dot.sum(0), col_dot.sum(0)]
-    return out
-
-
 def _gram_norms(x, grad_out, offsets, ids, lengths):
     """Gram route for samples ``ids`` with token counts ``lengths`` (Python ints, all > 0)."""
     n_sel = ids.numel()
@@ -219,28 +182,135 @@ def _gram_norms(x, grad_out, offsets, ids, lengths):
     return out
 
 
-def slice_stats_triton(x, grad_out, offsets, bounds, ref, gram):
-    """Backend entry: ``offsets`` int64 on x's device, ``bounds`` the same as Python ints, ``gram[b]``
-    whether sample b takes the Gram route (only when ref is None). Returns (row_sq, col_sq, row_dot, col_dot)."""
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _block_table(bounds: np.ndarray, samples: np.ndarray, block: int, n_groups: int):
+    """Token blocks of ``samples`` (an empty sample gets one empty block) split into ``n_groups``
+    contiguous groups of about equal block counts, cut only at sample ends.
+
+    Returns one int64 array [group starts (G+1) | block start tokens | block sample ends | block samples]
+    and G, so that a single host-to-device copy carries the whole table.
+    """
+    starts, ends = bounds[samples], bounds[samples + 1]
+    n_blocks = np.maximum(1, -(-(ends - starts) // block))
+    first = np.cumsum(n_blocks) - n_blocks
+    total = int(n_blocks.sum())
+    owner = np.repeat(np.arange(len(samples)), n_blocks)
+    t0 = starts[owner] + (np.arange(total) - first[owner]) * block
+    cum = np.cumsum(n_blocks)
+    cuts = np.searchsorted(cum, np.arange(1, n_groups) * total / n_groups)
+    group_starts = np.unique(np.concatenate([[0], cum[np.minimum(cuts, len(cum) - 1)], [total]]))
+    return np.concatenate([group_starts, t0, ends[owner], samples[owner]]).astype(np.int64), len(group_starts) - 1
+
+
+class _Tuner:
+    """Picks (num_warps, num_stages) per shape by timing each once on the real inputs, and keeps the
+    choice in memory and in a JSON file (GRADAUDIT_CACHE_DIR, default ~/.cache/gradaudit), so reruns
+    use the same configuration. GRADAUDIT_AUTOTUNE=0 takes the first configuration untimed."""
+
+    def __init__(self):
+        self.best: dict[str, tuple[int, int]] | None = None
+        root = os.environ.get("GRADAUDIT_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "gradaudit"))
+        self.path = os.path.join(root, f"direct-triton-{triton.__version__}.json")
+
+    def _load(self):
+        try:
+            with open(self.path) as f:
+                self.best = {k: tuple(v) for k, v in json.load(f).items()}
+        except (OSError, ValueError):
+            self.best = {}
+
+    def __call__(self, key: str, launch) -> tuple[int, int]:
+        if self.best is None:
+            self._load()
+        if key not in self.best:
+            if os.environ.get("GRADAUDIT_AUTOTUNE", "1") in ("", "0"):
+                return CONFIGS[0]
+            from triton.testing import do_bench
+
+            times = {cfg: do_bench(lambda: launch(*cfg), warmup=5, rep=20) for cfg in CONFIGS}
+            self.best[key] = min(times, key=times.get)
+            try:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                tmp = f"{self.path}.{os.getpid()}"
+                with open(tmp, "w") as f:
+                    json.dump(self.best, f)
+                os.replace(tmp, self.path)
+            except OSError:
+                pass  # a read-only home still gets the in-process cache
+        return self.best[key]
+
+
+_tune = _Tuner()
+
+
+def _direct(x, grad_out, bounds, samples, ref):
+    """Direct route for ``samples`` (np int64 indices into the B samples of ``bounds``).
+
+    Returns rows (n_q, B, d_out) and cols (n_q, B, d_in) float32, q = 0 squares, 1 dot products with R;
+    only the rows of ``samples`` are meaningful.
+    """
+    n_out = len(bounds) - 1
+    d_in, d_out = x.shape[1], grad_out.shape[1]
+    tile, block = (INTERPRET_TILE, INTERPRET_TILE) if _interpreting() else (TILE, BLOCK_K)
+    n_tm, n_tn = triton.cdiv(d_out, tile), triton.cdiv(d_in, tile)
+    n_groups = min(len(samples), triton.cdiv(2 * _num_sms(x.device), n_tm * n_tn))
+    table, n_groups = _block_table(bounds, samples, block, n_groups)
+    table = torch.from_numpy(table).to(x.device, non_blocking=True)
+    n_blk = (table.numel() - n_groups - 1) // 3
+    grp, t0, ends, owner = torch.split(table, [n_groups + 1, n_blk, n_blk, n_blk])
+    has_ref = ref is not None
+    n_q = 2 if has_ref else 1
+    row = torch.empty(n_q, n_tn, n_out, d_out, dtype=torch.float32, device=x.device)
+    col = torch.empty(n_q, n_tm, n_out, d_in, dtype=torch.float32, device=x.device)
+    r = ref if has_ref else x
+    precision = _dot_precision(x.dtype)
+
+    def launch(num_warps, num_stages):
+        _direct_kernel[(n_tm * n_tn, n_groups)](
+            x, grad_out, r, grp, t0, ends, owner, row, col, n_out, d_in, d_out,
+            x.stride(0), x.stride(1), grad_out.stride(0), grad_out.stride(1),
+            r.stride(0) if has_ref else 0, r.stride(1) if has_ref else 0,
+            HAS_REF=has_ref, DOT_PRECISION=precision, BM=tile, BN=tile, BK=block,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    if _interpreting():
+        launch(4, 1)
+    else:
+        key = f"{torch.cuda.get_device_name(x.device)}|{x.dtype}|{r.dtype}|{d_in}x{d_out}|ref={has_ref}"
+        launch(*_tune(key, launch))
+    return row.sum(1), col.sum(1)  # partial sums added in a fixed order
+
+
+def slice_stats_triton(x, grad_out, bounds, ref, gram):
+    """Backend entry: ``bounds`` the B+1 sample boundaries as Python ints, ``gram[b]`` whether sample b
+    takes the Gram route (only when ref is None). Returns (row_sq, col_sq, row_dot, col_dot) float32."""
     n_samples = len(bounds) - 1
     d_in, d_out = x.shape[1], grad_out.shape[1]
-    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
-    use_gram = [gram[b] and ref is None and lengths[b] > 0 for b in range(n_samples)]
-    kw = dict(dtype=torch.float32, device=x.device)
-    row_sq, col_sq = torch.empty(n_samples, d_out, **kw), torch.empty(n_samples, d_in, **kw)
-    row_dot = torch.empty(n_samples, d_out, **kw) if ref is not None else None
-    col_dot = torch.empty(n_samples, d_in, **kw) if ref is not None else None
-    outs = [t for t in (row_sq, col_sq, row_dot, col_dot) if t is not None]
-    direct_ids = [b for b in range(n_samples) if not use_gram[b]]
-    gram_ids = [b for b in range(n_samples) if use_gram[b]]
-    if direct_ids:
-        ids = torch.tensor(direct_ids, dtype=torch.int32, device=x.device)
-        res = _direct(x, grad_out, offsets, ref, ids, max(lengths[b] for b in direct_ids))
-        for dst, src in zip(outs, res):
+    bounds_np = np.asarray(bounds, dtype=np.int64)
+    lengths = np.diff(bounds_np)
+    use_gram = np.asarray(gram, dtype=bool) & (lengths > 0) & (ref is None)
+    direct, via_gram = np.flatnonzero(~use_gram), np.flatnonzero(use_gram)
+    n_q = 1 if ref is None else 2
+    if len(direct):
+        rows, cols = _direct(x, grad_out, bounds_np, direct, ref)
+    else:
+        rows = torch.empty(n_q, n_samples, d_out, dtype=torch.float32, device=x.device)
+        cols = torch.empty(n_q, n_samples, d_in, dtype=torch.float32, device=x.device)
+    if len(via_gram):
+        offsets = torch.from_numpy(bounds_np).to(x.device, non_blocking=True)
+        ids = torch.from_numpy(via_gram.astype(np.int32)).to(x.device, non_blocking=True)
+        res = _gram_norms(x, grad_out, offsets, ids, lengths[via_gram].tolist())
+        for dst, src in zip((rows[0], cols[0]), res):
             dst.index_copy_(0, ids.long(), src)
-    if gram_ids:
-        ids = torch.tensor(gram_ids, dtype=torch.int32, device=x.device)
-        res = _gram_norms(x, grad_out, offsets, ids, [lengths[b] for b in gram_ids])
-        for dst, src in zip((row_sq, col_sq), res):
-            dst.index_copy_(0, ids.long(), src)
-    return row_sq, col_sq, row_dot, col_dot
+    if ref is None:
+        return rows[0], cols[0], None, None
+    return rows[0], cols[0], rows[1], cols[1]
