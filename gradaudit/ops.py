@@ -200,7 +200,8 @@ def slice_stats(
     _check_args(x, grad_out, offsets, ref)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    offsets = offsets.to(torch.int64)
+    if offsets.dtype != torch.int64:
+        offsets = offsets.to(torch.int64)
     if torch.compiler.is_compiling():  # the registered op, so torch.compile can trace through it
         out = _slice_stats_op(x, grad_out, offsets, ref, backend)
     else:  # eager: the same implementation without the op layer's per-call overhead

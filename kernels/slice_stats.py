@@ -2,10 +2,12 @@
 
 Two routes, both over samples packed without padding (``offsets``, like ``cu_seqlens``):
 
-* direct — a program per (BM × BN tile of G, group of samples) runs one software-pipelined loop over
-  the group's token blocks, building the tile of G_b with ``tl.dot``; at each sample's last block the
-  tile is reduced in the epilogue to its rows' and columns' squared norms and dot products with the R
-  tile, which is loaded once per program and reused for every sample of the group. 2·T·d_in·d_out FLOPs.
+* direct — a program per (BM × BN tile of G, group of samples) builds the tile of G_b for each sample
+  of its group with ``tl.dot`` in a software-pipelined loop over the sample's tokens, then reduces it
+  in the epilogue to its rows' and columns' squared norms and dot products with the R tile, which is
+  loaded once per program and reused for every sample of the group. 2·T·d_in·d_out FLOPs.
+  (One flattened loop over all the group's token blocks, the epilogue under an `if`, measured 1.3–2×
+  slower on an H200 with Triton 3.6: the branch keeps the wgmma accumulator from staying in flight.)
 * Gram (norms only) — r² = diag(Δᵀ(XXᵀ)Δ), c² = diag(Xᵀ(ΔΔᵀ)X): the T × T Gram matrix of each sample,
   then one pass that multiplies it into the other operand and reduces. ≈4T²(d_in+d_out) FLOPs.
 
@@ -28,9 +30,9 @@ import triton
 import triton.language as tl
 
 TILE = 128  # BM = BN on a GPU
-BLOCK_K = 64  # tokens per pipelined step on a GPU
 INTERPRET_TILE = 16  # BM = BN = BK under TRITON_INTERPRET=1, so CPU tests cross tile edges cheaply
-CONFIGS = [(w, s) for w in (8, 4) for s in (3, 4, 5)]  # (num_warps, num_stages) tried for the direct kernel
+# (BK, num_warps, num_stages) tried for the direct kernel on a GPU; the first is the untuned default
+CONFIGS = [(64, 4, 3), (64, 8, 3), (64, 4, 4), (64, 8, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4), (32, 8, 5)]
 
 
 def _interpreting() -> bool:
@@ -43,17 +45,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 @triton.jit(do_not_specialize=["n_out"])
 def _direct_kernel(
-    X, D, R, GRP, BLK_T0, BLK_END, BLK_OUT, ROW, COL,
+    X, D, R, GRP, SMP, OFF, ROW, COL,
     n_out, d_in, d_out,
     stride_xt, stride_xj, stride_dt, stride_di, stride_ri, stride_rj,
     HAS_REF: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """Program (tile, group): the group's token blocks [GRP[g], GRP[g+1]) in one pipelined loop.
+    """Program (tile, group): samples SMP[GRP[g]:GRP[g+1]], each a pipelined loop over its tokens.
 
-    Block `it` covers tokens [BLK_T0[it], min(BLK_T0[it] + BK, BLK_END[it])) of sample BLK_OUT[it];
-    at a sample's last block the tile of G_b is reduced into ROW[q, tj, b, i] and COL[q, ti, b, j]
-    (q = 0 squares, q = 1 dot products with R) and the accumulator starts again from zero.
+    The tile of G_b is reduced into ROW[q, tj, b, i] and COL[q, ti, b, j] (q = 0 squares, q = 1 dot
+    products with R) once the sample's tokens are done.
     """
     pid = tl.program_id(0)
     n_tn = tl.cdiv(d_in, BN)
@@ -69,29 +70,28 @@ def _direct_kernel(
                     mask=mi[:, None] & mj[None, :], other=0.0).to(tl.float32)
     lo = tl.load(GRP + tl.program_id(1))
     hi = tl.load(GRP + tl.program_id(1) + 1)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for it in range(lo, hi):
-        t0 = tl.load(BLK_T0 + it)
-        end = tl.load(BLK_END + it)
-        offs_t = t0 + tl.arange(0, BK)
-        mt = offs_t < end
-        d_t = tl.load(D + offs_i[:, None] * stride_di + offs_t[None, :] * stride_dt,
-                      mask=mi[:, None] & mt[None, :], other=0.0)  # (BM, BK): Δᵀ tile
-        x = tl.load(X + offs_t[:, None] * stride_xt + offs_j[None, :] * stride_xj,
-                    mask=mt[:, None] & mj[None, :], other=0.0)  # (BK, BN)
-        acc = tl.dot(d_t, x, acc, input_precision=DOT_PRECISION)
-        if t0 + BK >= end:
-            b = tl.load(BLK_OUT + it)
-            row_at = (tj * n_out + b).to(tl.int64) * d_out + offs_i
-            col_at = (ti * n_out + b).to(tl.int64) * d_in + offs_j
-            sq = acc * acc
-            tl.store(ROW + row_at, tl.sum(sq, axis=1), mask=mi)
-            tl.store(COL + col_at, tl.sum(sq, axis=0), mask=mj)
-            if HAS_REF:
-                gr = acc * r
-                tl.store(ROW + n_tn * n_out * d_out + row_at, tl.sum(gr, axis=1), mask=mi)
-                tl.store(COL + n_tm * n_out * d_in + col_at, tl.sum(gr, axis=0), mask=mj)
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(lo, hi):
+        b = tl.load(SMP + k)
+        start = tl.load(OFF + b)
+        end = tl.load(OFF + b + 1)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for t0 in range(start, end, BK):
+            offs_t = t0 + tl.arange(0, BK)
+            mt = offs_t < end
+            d_t = tl.load(D + offs_i[:, None] * stride_di + offs_t[None, :] * stride_dt,
+                          mask=mi[:, None] & mt[None, :], other=0.0)  # (BM, BK): Δᵀ tile
+            x = tl.load(X + offs_t[:, None] * stride_xt + offs_j[None, :] * stride_xj,
+                        mask=mt[:, None] & mj[None, :], other=0.0)  # (BK, BN)
+            acc = tl.dot(d_t, x, acc, input_precision=DOT_PRECISION)
+        row_at = (tj * n_out + b).to(tl.int64) * d_out + offs_i
+        col_at = (ti * n_out + b).to(tl.int64) * d_in + offs_j
+        sq = acc * acc
+        tl.store(ROW + row_at, tl.sum(sq, axis=1), mask=mi)
+        tl.store(COL + col_at, tl.sum(sq, axis=0), mask=mj)
+        if HAS_REF:
+            gr = acc * r
+            tl.store(ROW + n_tn * n_out * d_out + row_at, tl.sum(gr, axis=1), mask=mi)
+            tl.store(COL + n_tm * n_out * d_in + col_at, tl.sum(gr, axis=0), mask=mj)
 
 
 @triton.jit
@@ -191,32 +191,28 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _block_table(bounds: np.ndarray, samples: np.ndarray, block: int, n_groups: int):
-    """Token blocks of ``samples`` (an empty sample gets one empty block) split into ``n_groups``
-    contiguous groups of about equal block counts, cut only at sample ends.
+def _sample_groups(bounds: np.ndarray, samples: np.ndarray, block: int, n_groups: int):
+    """Split ``samples`` into at most ``n_groups`` contiguous groups of about equal work (token blocks,
+    at least one per sample for its epilogue).
 
-    Returns one int64 array [group starts (G+1) | block start tokens | block sample ends | block samples]
-    and G, so that a single host-to-device copy carries the whole table.
+    Returns one int64 array [group starts (G+1) | samples | offsets (B+1)] and G, so that a single
+    host-to-device copy carries it.
     """
-    starts, ends = bounds[samples], bounds[samples + 1]
-    n_blocks = np.maximum(1, -(-(ends - starts) // block))
-    first = np.cumsum(n_blocks) - n_blocks
-    total = int(n_blocks.sum())
-    owner = np.repeat(np.arange(len(samples)), n_blocks)
-    t0 = starts[owner] + (np.arange(total) - first[owner]) * block
-    cum = np.cumsum(n_blocks)
-    cuts = np.searchsorted(cum, np.arange(1, n_groups) * total / n_groups)
-    group_starts = np.unique(np.concatenate([[0], cum[np.minimum(cuts, len(cum) - 1)], [total]]))
-    return np.concatenate([group_starts, t0, ends[owner], samples[owner]]).astype(np.int64), len(group_starts) - 1
+    work = np.maximum(1, -(-(bounds[samples + 1] - bounds[samples]) // block))
+    cum = np.cumsum(work)
+    cuts = np.searchsorted(cum, np.arange(1, n_groups) * cum[-1] / n_groups, side="right")
+    group_starts = np.unique(np.concatenate([[0], cuts, [len(samples)]]))
+    return np.concatenate([group_starts, samples, bounds]).astype(np.int64), len(group_starts) - 1
 
 
 class _Tuner:
-    """Picks (num_warps, num_stages) per shape by timing each once on the real inputs, and keeps the
+    """Picks (BK, num_warps, num_stages) per shape by timing each once on the real inputs, and keeps the
     choice in memory and in a JSON file (GRADAUDIT_CACHE_DIR, default ~/.cache/gradaudit), so reruns
     use the same configuration. GRADAUDIT_AUTOTUNE=0 takes the first configuration untimed."""
 
     def __init__(self):
-        self.best: dict[str, tuple[int, int]] | None = None
+        self.best: dict[str, tuple[int, int, int]] | None = None
+        self.times: dict[str, dict] = {}  # what each configuration took, for benchmarks/profile_direct.py
         root = os.environ.get("GRADAUDIT_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "gradaudit"))
         self.path = os.path.join(root, f"direct-triton-{triton.__version__}.json")
 
@@ -227,7 +223,7 @@ class _Tuner:
         except (OSError, ValueError):
             self.best = {}
 
-    def __call__(self, key: str, launch) -> tuple[int, int]:
+    def __call__(self, key: str, launch) -> tuple[int, int, int]:
         if self.best is None:
             self._load()
         if key not in self.best:
@@ -235,8 +231,14 @@ class _Tuner:
                 return CONFIGS[0]
             from triton.testing import do_bench
 
-            times = {cfg: do_bench(lambda: launch(*cfg), warmup=5, rep=20) for cfg in CONFIGS}
+            times = {}
+            for cfg in CONFIGS:
+                try:
+                    times[cfg] = do_bench(lambda: launch(*cfg), warmup=5, rep=20)
+                except triton.runtime.errors.OutOfResources:
+                    continue  # too much shared memory for this card
             self.best[key] = min(times, key=times.get)
+            self.times[key] = times
             try:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
                 tmp = f"{self.path}.{os.getpid()}"
@@ -259,13 +261,12 @@ def _direct(x, grad_out, bounds, samples, ref):
     """
     n_out = len(bounds) - 1
     d_in, d_out = x.shape[1], grad_out.shape[1]
-    tile, block = (INTERPRET_TILE, INTERPRET_TILE) if _interpreting() else (TILE, BLOCK_K)
+    tile = INTERPRET_TILE if _interpreting() else TILE
     n_tm, n_tn = triton.cdiv(d_out, tile), triton.cdiv(d_in, tile)
     n_groups = min(len(samples), triton.cdiv(2 * _num_sms(x.device), n_tm * n_tn))
-    table, n_groups = _block_table(bounds, samples, block, n_groups)
+    table, n_groups = _sample_groups(bounds, samples, 64, n_groups)
     table = torch.from_numpy(table).to(x.device, non_blocking=True)
-    n_blk = (table.numel() - n_groups - 1) // 3
-    grp, t0, ends, owner = torch.split(table, [n_groups + 1, n_blk, n_blk, n_blk])
+    grp, smp, offsets = torch.split(table, [n_groups + 1, len(samples), n_out + 1])
     has_ref = ref is not None
     n_q = 2 if has_ref else 1
     row = torch.empty(n_q, n_tn, n_out, d_out, dtype=torch.float32, device=x.device)
@@ -273,9 +274,9 @@ def _direct(x, grad_out, bounds, samples, ref):
     r = ref if has_ref else x
     precision = _dot_precision(x.dtype)
 
-    def launch(num_warps, num_stages):
+    def launch(block, num_warps, num_stages):
         _direct_kernel[(n_tm * n_tn, n_groups)](
-            x, grad_out, r, grp, t0, ends, owner, row, col, n_out, d_in, d_out,
+            x, grad_out, r, grp, smp, offsets, row, col, n_out, d_in, d_out,
             x.stride(0), x.stride(1), grad_out.stride(0), grad_out.stride(1),
             r.stride(0) if has_ref else 0, r.stride(1) if has_ref else 0,
             HAS_REF=has_ref, DOT_PRECISION=precision, BM=tile, BN=tile, BK=block,
@@ -283,9 +284,11 @@ def _direct(x, grad_out, bounds, samples, ref):
         )
 
     if _interpreting():
-        launch(4, 1)
+        launch(INTERPRET_TILE, 4, 1)
     else:
-        key = f"{torch.cuda.get_device_name(x.device)}|{x.dtype}|{r.dtype}|{d_in}x{d_out}|ref={has_ref}"
+        tokens = int(bounds[samples + 1].sum() - bounds[samples].sum()) // len(samples)
+        key = (f"{torch.cuda.get_device_name(x.device)}|{x.dtype}|{r.dtype}|{d_in}x{d_out}|ref={has_ref}"
+               f"|T~{1 << max(tokens, 1).bit_length()}")  # mean tokens per sample, to the power of 2 above
         launch(*_tune(key, launch))
     return row.sum(1), col.sum(1)  # partial sums added in a fixed order
 
