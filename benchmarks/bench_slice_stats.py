@@ -33,6 +33,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gradaudit import gram_is_cheaper, slice_stats  # noqa: E402
+from gradaudit.ops import GRAM_SLOWDOWN  # noqa: E402
 
 SHAPES = ["1024x1024", "1024x4096", "4096x4096", "4096x11008", "11008x4096"]  # d_in x d_out
 
@@ -86,7 +87,7 @@ def _floor_flops(name, n_samples, n_tok, d_in, d_out, with_ref):
     direct = 2 * n_samples * n_tok * d_in * d_out
     gram = 4 * n_samples * n_tok**2 * (d_in + d_out)
     if name == "ours":
-        return direct if with_ref or not gram_is_cheaper(n_tok, d_in, d_out) else gram
+        return direct if with_ref or not gram_is_cheaper(n_tok, d_in, d_out, GRAM_SLOWDOWN["triton"]) else gram
     if name == "gram":
         return gram
     if name == "proj_gram":

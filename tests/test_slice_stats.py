@@ -92,9 +92,10 @@ def test_batch_of_64(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_gram_and_direct_routes_in_one_batch(backend):
-    d_in, d_out = 48, 40  # Gram is cheaper below T = 48·40 / (2·88) ≈ 10.9 tokens
+    d_in, d_out = 48, 40  # Gram is cheaper below T = 48·40 / (2·88·slowdown) ≈ 10.9 / slowdown tokens
     lengths = [3, 40, 10, 11, 1]
-    assert {gram_is_cheaper(n, d_in, d_out) for n in lengths} == {True, False}
+    slow = gradaudit.ops.GRAM_SLOWDOWN[backend]
+    assert {gram_is_cheaper(n, d_in, d_out, slow) for n in lengths} == {True, False}
     x, g, off, _ = _inputs(lengths, d_in, d_out, ref=False)
     _assert_matches(slice_stats(x, g, off, backend=backend), slice_stats_reference(x, g, off), 2e-5)
 
