@@ -57,7 +57,7 @@ def main():
         print(f"{d_in}x{d_out} B={n_samples} T={n_tok}: " + " ".join(f"{c}={v:.3f}" for c, v in times.items()))
         rows.append((d_in, d_out, n_samples, n_tok, 2 * n * d_in * d_out / rate_ms / 1e9, rate_ms, e2e_ms, host_ms,
                      chosen, times.get(chosen, float("nan"))))
-    print("| shape | B | T | rate TF/s | rate ms | e2e ms | host ms/call | config (BM, BN, BK, warps, stages, R once) | kernel ms | of rate |")
+    print("| shape | B | T | rate TF/s | rate ms | e2e ms | host ms/call | config (BM, BN, BK, warps, stages) | kernel ms | of rate |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for d_in, d_out, b, t, tf, rate_ms, e2e, host, cfg, ms in rows:
         print(f"| {d_in}x{d_out} | {b} | {t} | {tf:.0f} | {rate_ms:.3f} | {e2e:.3f} | {host:.3f} | {cfg} | "

@@ -33,17 +33,17 @@ import triton.language as tl
 
 log = logging.getLogger("gradaudit")
 
-# Direct-kernel configurations (BM, BN, BK, num_warps, num_stages, FLATTEN) tried on a GPU; the first is
-# the untuned default. FLATTEN fuses the loop over samples with the loop over their tokens
-# (tl.range(flatten=True)) so the pipeline need not drain between samples. BM, BN ≥ 128 keeps the
-# partial sums at most 1/64 of B·d_in·d_out per statistic. Measured on an H100 (profile_direct.py):
-# re-reading the R tile per sample instead of holding it was slower in every shape tried.
+# Direct-kernel configurations (BM, BN, BK, num_warps, num_stages) tried on a GPU; the first is the
+# untuned default. BM, BN ≥ 128 keeps the partial sums at most 1/64 of B·d_in·d_out per statistic.
+# Measured on an H100 (benchmarks/profile_direct.py, see benchmarks/results/NOTES.md): re-reading the
+# R tile per sample instead of holding it was slower in every shape tried; tl.range(flatten=True) over
+# the sample loop changed nothing; Triton 3.6's Hopper warp specialisation aborts on this epilogue
+# (its data partitioning refuses a reduction along the partitioned dimension).
 CONFIGS = [
-    (128, 128, 64, 4, 3, False), (128, 128, 64, 8, 3, False), (128, 128, 32, 4, 4, False),
-    (128, 128, 64, 8, 4, False), (128, 256, 64, 8, 3, False), (128, 256, 64, 8, 4, False),
-    (128, 128, 64, 4, 3, True), (128, 128, 64, 8, 3, True), (128, 256, 64, 8, 3, True),
+    (128, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4),
+    (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
 ]
-INTERPRET_CONFIG = (16, 16, 16, 4, 1, False)  # small tiles under TRITON_INTERPRET=1 cross tile edges cheaply
+INTERPRET_CONFIG = (16, 16, 16, 4, 1)  # small tiles under TRITON_INTERPRET=1 cross tile edges cheaply
 
 
 def _interpreting() -> bool:
@@ -59,7 +59,7 @@ def _direct_kernel(
     X, D, R, GRP, SMP, OFF, ROW, COL,
     n_out, d_in, d_out,
     stride_xt, stride_xj, stride_dt, stride_di, stride_ri, stride_rj,
-    HAS_REF: tl.constexpr, FLATTEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_REF: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """Program (tile, group): samples SMP[GRP[g]:GRP[g+1]], each a pipelined loop over its tokens.
@@ -81,7 +81,7 @@ def _direct_kernel(
                     mask=mi[:, None] & mj[None, :], other=0.0).to(tl.float32)
     lo = tl.load(GRP + tl.program_id(1))
     hi = tl.load(GRP + tl.program_id(1) + 1)
-    for k in tl.range(lo, hi, flatten=FLATTEN):
+    for k in range(lo, hi):
         b = tl.load(SMP + k)
         start = tl.load(OFF + b)
         end = tl.load(OFF + b + 1)
@@ -298,7 +298,7 @@ def _direct(x, grad_out, bounds, samples, ref):
     r = ref if has_ref else x
     precision = _dot_precision(x.dtype)
 
-    def run(bm, bn, bk, num_warps, num_stages, flatten):
+    def run(bm, bn, bk, num_warps, num_stages):
         n_tm, n_tn = triton.cdiv(d_out, bm), triton.cdiv(d_in, bn)
         n_groups = min(len(samples), triton.cdiv(2 * _num_sms(x.device), n_tm * n_tn))
         (grp, smp, offsets), n_groups = _device_table(bounds, samples, n_groups, x.device)
@@ -308,7 +308,7 @@ def _direct(x, grad_out, bounds, samples, ref):
             x, grad_out, r, grp, smp, offsets, row, col, n_out, d_in, d_out,
             x.stride(0), x.stride(1), grad_out.stride(0), grad_out.stride(1),
             r.stride(0) if has_ref else 0, r.stride(1) if has_ref else 0,
-            HAS_REF=has_ref, FLATTEN=flatten, DOT_PRECISION=precision, BM=bm, BN=bn, BK=bk,
+            HAS_REF=has_ref, DOT_PRECISION=precision, BM=bm, BN=bn, BK=bk,
             num_warps=num_warps, num_stages=num_stages,
         )
         return row, col
