@@ -5,7 +5,8 @@ fp32, torch's own thread count (2 on the development machine). Routes timed besi
   bmm        all G_b at once with a batched matmul, then the reductions
   proj_gram  projection for the dot products + Gram for the norms (only with R)
   gram       Gram for the norms (only without R)
-Reports the median of repeated runs and ``cpp`` against the best of them. Usage:
+Reports the median of repeated rounds (the routes in turn each round) and ``cpp`` against the best
+of the others. Usage:
   python benchmarks/bench_cpu.py --out benchmarks/results
 """
 
@@ -24,14 +25,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gradaudit import slice_stats  # noqa: E402
 
 
-def _median_s(fn, repeats):
-    fn()
-    times = []
+def _median_s(routes, repeats):
+    """Median seconds per route, the routes taken in turn each round so that a noisy shared
+    machine's slow spells spread over all of them."""
+    times = {name: [] for name in routes}
+    for fn in routes.values():
+        fn()  # warm-up
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+        for name, fn in routes.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
 
 
 def _routes(x, g, off, ref, n_samples, n_tok):
@@ -68,7 +73,7 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=["1024x1024", "1024x4096"], help="d_inxd_out")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--tokens", nargs="+", type=int, default=[64, 256, 1024])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     points = []
     for shape in args.shapes:
@@ -80,8 +85,7 @@ def main():
                     x, g = torch.randn(n, d_in), torch.randn(n, d_out)
                     ref = torch.randn(d_out, d_in) if with_ref else None
                     off = torch.arange(0, n + 1, n_tok)
-                    times = {name: _median_s(fn, args.repeats)
-                             for name, fn in _routes(x, g, off, ref, n_samples, n_tok).items()}
+                    times = _median_s(_routes(x, g, off, ref, n_samples, n_tok), args.repeats)
                     best = min((v, k) for k, v in times.items() if k != "cpp")
                     p = dict(d_in=d_in, d_out=d_out, B=n_samples, T=n_tok, ref=with_ref,
                              ms={k: v * 1e3 for k, v in times.items()}, best_torch=best[1],

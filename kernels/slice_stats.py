@@ -6,16 +6,15 @@ Two routes, both over samples packed without padding (``offsets``, like ``cu_seq
   of its group with ``tl.dot`` in a software-pipelined loop over the sample's tokens, then reduces it
   in the epilogue to its rows' and columns' squared norms and dot products with the R tile, which is
   loaded once per program and reused for every sample of the group. 2·T·d_in·d_out FLOPs.
-  (One flattened loop over all the group's token blocks, the epilogue under an `if`, measured 1.3–2×
-  slower on an H200 with Triton 3.6: the branch keeps the wgmma accumulator from staying in flight.)
+  (Variants measured slower or broken are listed in benchmarks/results/NOTES.md.)
 * Gram (norms only) — r² = diag(Δᵀ(XXᵀ)Δ), c² = diag(Xᵀ(ΔΔᵀ)X): the T × T Gram matrix of each sample,
   then one pass that multiplies it into the other operand and reduces. ≈4T²(d_in+d_out) FLOPs.
 
 Reductions across tiles go through partial-sum buffers summed in a fixed order, never atomics, so a
 fixed configuration is bit-for-bit deterministic; configurations are tuned once per shape and kept
 in a JSON cache so that later processes reuse them. The direct route's buffers hold
-B·(d_out·⌈d_in/BN⌉ + d_in·⌈d_out/BM⌉) floats per statistic: with BM = BN = 128, 1/64 of B·d_in·d_out
-for the norms and as much again for the dot products with R.
+B·(d_out·⌈d_in/BN⌉ + d_in·⌈d_out/BM⌉) floats per statistic: with BM, BN ≥ 128, at most 1/64 of
+B·d_in·d_out for the norms and as much again for the dot products with R.
 """
 
 from __future__ import annotations
