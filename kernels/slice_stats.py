@@ -186,12 +186,10 @@ def _gram_norms(x, grad_out, offsets, ids, lengths):
         part = torch.zeros(n_tt, n_sel, d_y, dtype=torch.float32, device=x.device)
         _gram_apply_kernel[(n_sel, triton.cdiv(d_y, tile), n_tt)](
             gram, goff, y, offsets, ids, part, n_sel, d_y, y.stride(0), y.stride(1),
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BT=tile, BD=tile, num_warps=4,
+            DOT_PRECISION=precision, BT=tile, BD=tile, num_warps=4,
         )
         out.append(part.sum(0))
     return out
-
-
 
 
 @functools.cache

@@ -61,6 +61,7 @@ SHAPES = [  # (lengths, d_in, d_out): odd sizes, empty and one-token samples, se
     ([3, 0, 1, 9], 17, 1),
     ([1, 33, 0, 7, 20], 40, 33),
     ([2, 12, 30], 19, 37),
+    ([4, 1, 21], 123, 17),
 ]
 
 
