@@ -28,6 +28,19 @@ def slice_stats_reference(x, grad_out, offsets, ref=None):
     }
 
 
+def dot_scales(x, grad_out, offsets, ref):
+    """Σ_j |G_b[i, j] R[i, j]| per row and Σ_i |…| per column (float64): the size of the terms a dot
+    product adds up, against which its rounding error is judged (the sum itself may cancel to ~0)."""
+    x64, g64, r64 = x.detach().double().cpu(), grad_out.detach().double().cpu(), ref.detach().double().cpu().abs()
+    bounds = [int(v) for v in offsets]
+    rows, cols = [], []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        g = (g64[s:e].T @ x64[s:e]).abs()
+        rows.append((g * r64).sum(1))
+        cols.append((g * r64).sum(0))
+    return {"row_dot": torch.stack(rows), "col_dot": torch.stack(cols)}
+
+
 def cosines_reference(x, grad_out, offsets, ref):
     """Row and column cosines of each G_b with R in float64; 0 where either slice is zero."""
     x64, g64, r64 = x.double().cpu(), grad_out.double().cpu(), ref.double().cpu()

@@ -1,0 +1,111 @@
+"""Model-side glue: which weights to capture and how a batch's positions map to samples.
+
+So far for LLaVA-style models (transformers ≥ 5: ``model.model.{vision_tower, multi_modal_projector,
+language_model}``); other architectures join here with their own block structure and sample layout.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from gradaudit.capture import Layout, Target
+
+_LLAVA_DOMAINS = (
+    ("vision", re.compile(r"^model\.vision_tower\..*?layers\.(\d+)\.")),
+    ("projector", re.compile(r"^model\.multi_modal_projector\.")),
+    ("language", re.compile(r"^model\.language_model\.layers\.(\d+)\.")),
+)
+PRESETS = ("paper", "all-linear")
+
+
+def _tied(model: nn.Module, head: nn.Linear) -> bool:
+    """Whether the output head shares its weight with the input embedding (its gradient is shared)."""
+    embed = model.get_input_embeddings()
+    return embed is not None and embed.weight.data_ptr() == head.weight.data_ptr()
+
+
+def _vision_layers_reaching_loss(config, n_layers: int) -> int:
+    """How many vision-encoder blocks feed the projector: LLaVA reads hidden_states[vision_feature_layer]
+    (index 0 is the embeddings), so with -2 the last block's output is never used."""
+    layer = config.vision_feature_layer
+    layer = max(layer) if isinstance(layer, (list, tuple)) else layer
+    return layer if layer >= 0 else n_layers + 1 + layer
+
+
+def llava_targets(model: nn.Module, preset: str = "paper", pattern: str | None = None) -> list[Target]:
+    """Selected linear weights of a LLaVA model.
+
+    ``paper``: the last 3 language blocks, the last 3 vision blocks that reach the loss, every projector
+    weight (DESIGN.md §2.1). ``all-linear``: every linear weight that reaches the loss except an output
+    head. ``pattern``: a regular expression on parameter names (``….weight``), applied after the preset.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}; got {preset!r}")
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if name == "lm_head":
+            if preset == "all-linear" and not _tied(model, module):
+                found.append((name, module, "language", None))
+            continue
+        for domain, rx in _LLAVA_DOMAINS:
+            m = rx.match(name)
+            if m:
+                found.append((name, module, domain, int(m.group(1)) if m.groups() else None))
+                break
+    n_blocks = {d: 1 + max((i for _, _, dd, i in found if dd == d and i is not None), default=-1)
+                for d in ("vision", "language")}
+    reach = _vision_layers_reaching_loss(model.config, n_blocks["vision"])
+    keep = []
+    for name, module, domain, block in found:
+        if domain == "vision" and block >= reach:
+            continue  # its output never reaches the loss
+        if preset == "paper" and block is not None:
+            last = reach if domain == "vision" else n_blocks[domain]
+            if block < last - 3:
+                continue
+        weight = f"{name}.weight"
+        if pattern is not None and not re.search(pattern, weight):
+            continue
+        keep.append(Target(weight, module, domain))
+    if not keep:
+        raise ValueError(f"the selection (preset={preset!r}, pattern={pattern!r}) picked no weight")
+    return keep
+
+
+def llava_layout(batch: dict) -> Layout:
+    """Sample positions of a LLaVA batch: one image per sample; language rows masked by attention_mask."""
+    n_samples = batch["input_ids"].shape[0]
+    n_images = batch["pixel_values"].shape[0]
+    if n_images != n_samples:
+        raise ValueError(f"LLaVA batches need one image per sample; got {n_images} images for {n_samples} samples")
+    rows = torch.arange(n_samples)
+    return Layout(
+        num_samples=n_samples,
+        keep={"language": batch["attention_mask"].bool().cpu(), "vision": None, "projector": None},
+        row_sample={"language": rows, "vision": rows, "projector": rows},
+    )
+
+
+def encode_llava_pairs(processor, images, prompts, texts) -> dict:
+    """Tokenised batch with labels on the text tokens only (-100 on image, prompt and padding).
+
+    The prompt reads ``USER: <image>\\n{prompt} ASSISTANT:`` and the text follows it; right padding, so
+    that every sample's positions are those it has alone.
+    """
+    tok = processor.tokenizer
+    tok.padding_side = "right"
+    heads = [f"USER: <image>\n{p} ASSISTANT:" for p in prompts]
+    full = [f"{h} {t}{tok.eos_token}" for h, t in zip(heads, texts)]
+    batch = dict(processor(images=images, text=full, return_tensors="pt", padding=True))
+    head_lens = [len(processor(images=[im], text=[h], return_tensors="pt")["input_ids"][0]) for im, h in zip(images, heads)]
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    for b, n in enumerate(head_lens):
+        labels[b, :n] = -100
+    batch["labels"] = labels
+    return batch

@@ -1,0 +1,104 @@
+"""The capture engine against the paper's loop: batch of one, loss.backward(), rows and columns of .grad."""
+
+import pytest
+import torch
+
+from gradaudit.capture import batch_stats, freeze, per_sample_text_loss, reference_sums
+from gradaudit.models import encode_llava_pairs, llava_layout, llava_targets
+from tests.tiny_models import random_images, tiny_llava
+
+PROMPTS = ["Describe the image.", "What is shown?", "Caption:", "Describe the image.", "Say it."]
+TEXTS = ["a red square on grey", "two blue circles", "x", "a small green triangle near the top left", "noise"]
+
+
+@pytest.fixture(scope="module")
+def llava():
+    model, processor = tiny_llava(seed=0)
+    freeze(model)
+    return model, processor
+
+
+def _batch(processor, idx):
+    images = random_images(len(PROMPTS), seed=1)
+    return encode_llava_pairs(processor, [images[i] for i in idx], [PROMPTS[i] for i in idx], [TEXTS[i] for i in idx])
+
+
+def _paper_loop(model, processor, idx, targets, refs):
+    """Per sample alone: weight gradients by backward, then each row's and column's statistics."""
+    weights = {t.name: t.module.weight for t in targets}
+    for w in weights.values():
+        w.requires_grad_(True)
+    stats = {t.name: {"row_sq": [], "col_sq": [], "row_dot": [], "col_dot": []} for t in targets}
+    grads_sum = {name: torch.zeros_like(w, dtype=torch.float64) for name, w in weights.items()}
+    try:
+        for i in idx:
+            batch = _batch(processor, [i])
+            labels = batch.pop("labels")
+            for w in weights.values():
+                w.grad = None
+            per_sample_text_loss(model(**batch).logits, labels)[0].backward()
+            for name, w in weights.items():
+                g = w.grad.double()
+                grads_sum[name] += g
+                r = refs[name].double()
+                s = stats[name]
+                s["row_sq"].append((g * g).sum(1))
+                s["col_sq"].append((g * g).sum(0))
+                s["row_dot"].append((g * r).sum(1))
+                s["col_dot"].append((g * r).sum(0))
+    finally:
+        for w in weights.values():
+            w.requires_grad_(False)
+            w.grad = None
+    return {n: {k: torch.stack(v) for k, v in s.items()} for n, s in stats.items()}, grads_sum
+
+
+@pytest.mark.parametrize("preset,backend", [("paper", "cpp"), ("all-linear", "torch")])
+def test_engine_equals_paper_loop(llava, preset, backend):
+    model, processor = llava
+    targets = llava_targets(model, preset)
+    members, audited = [0, 1, 2], [3, 1, 4, 2]  # audited: padding and mixed lengths in one batch
+    batch = _batch(processor, members)
+    sums, n = reference_sums(model, [(batch, llava_layout(batch))], targets)
+    refs = {name: s / n for name, s in sums.items()}
+
+    _, member_grads = _paper_loop(model, processor, members, targets, refs)
+    for name, s in sums.items():
+        torch.testing.assert_close(s.double(), member_grads[name], rtol=1e-4, atol=1e-6)
+
+    batch = _batch(processor, audited)
+    assert (batch["attention_mask"] == 0).any(), "the audited batch should hold padding"
+    got, losses = batch_stats(model, batch, llava_layout(batch), targets, refs, backend=backend)
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())  # no weight gradients
+    want, _ = _paper_loop(model, processor, audited, targets, refs)
+    assert set(got) == {t.name for t in targets}
+    for name in want:
+        for key, expected in want[name].items():
+            actual = getattr(got[name], key).double()
+            assert (actual - expected).abs().le(1e-5 + 1e-4 * expected.abs()).all(), (name, key)
+    assert losses.shape == (4,) and torch.isfinite(losses).all()
+
+
+def test_paper_preset_picks_the_blocks_that_reach_the_loss(llava):
+    model, _ = llava
+    names = [t.name for t in llava_targets(model, "paper")]
+    assert not any(".layers.3." in n for n in names if "vision_tower" in n)  # hidden_states[-2]: block 3 unused
+    assert {int(n.split(".layers.")[1].split(".")[0]) for n in names if "vision_tower" in n} == {0, 1, 2}
+    assert {int(n.split(".layers.")[1].split(".")[0]) for n in names if "language_model" in n} == {1, 2, 3}
+    assert any("multi_modal_projector" in n for n in names)
+    assert not any(n.startswith("lm_head") for n in names)
+    assert any(n.startswith("lm_head") for n in (t.name for t in llava_targets(model, "all-linear")))
+    assert all(".q_proj." in n for n in (t.name for t in llava_targets(model, "paper", pattern=r"q_proj")))
+    with pytest.raises(ValueError, match="picked no weight"):
+        llava_targets(model, "paper", pattern="nothing-matches")
+
+
+def test_layer_that_does_not_reach_the_loss_is_refused(llava):
+    model, processor = llava
+    from gradaudit.capture import Target
+
+    last = model.model.vision_tower.encoder.layers[3].mlp.fc2  # after hidden_states[-2]
+    targets = [Target("model.vision_tower.encoder.layers.3.mlp.fc2.weight", last, "vision")]
+    batch = _batch(processor, [0, 1])
+    with pytest.raises(ValueError, match="received no gradient"):
+        batch_stats(model, batch, llava_layout(batch), targets)

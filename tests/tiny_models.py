@@ -1,0 +1,47 @@
+"""Tiny vision-language models built from configs, with processors built offline (no hub)."""
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges, and <pad> <s> </s> <image> as special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<pad>", "<s>", "</s>", "<image>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"}, model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def tiny_llava(seed=0, width=32, blocks=4):
+    """(model in eval mode, processor): CLIP-style tower (32-px images, 8-px patches) + Llama-style LM."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    torch.manual_seed(seed)
+    tok = byte_tokenizer()
+    vision = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=blocks,
+                              num_attention_heads=2, image_size=32, patch_size=8, projection_dim=width)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=blocks,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                       tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(config).eval()
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return model, processor
+
+
+def random_images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random((32 + 4 * i, 40, 3)) * 255).astype("uint8")) for i in range(n)]
