@@ -6,6 +6,8 @@ language_model}``); other architectures join here with their own block structure
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 
 import torch
@@ -109,3 +111,46 @@ def encode_llava_pairs(processor, images, prompts, texts) -> dict:
         labels[b, :n] = -100
     batch["labels"] = labels
     return batch
+
+
+SUPPORTED = ("llava",)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(model_dir: str, *, dtype: str = "float32", device: str = "cpu"):
+    """(model in eval mode with every weight frozen, processor) from a local folder; nothing is fetched.
+
+    So far LLaVA-style checkpoints (``model_type`` "llava"); others raise with the list of what works.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from gradaudit.capture import freeze
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ValueError(f"{model_dir} is not a model folder (no config.json); give a save_pretrained folder")
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    if config.model_type not in SUPPORTED:
+        raise ValueError(
+            f"{model_dir}: model_type {config.model_type!r} is not supported yet (supported: {', '.join(SUPPORTED)})"
+        )
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True, dtype=DTYPES[dtype])
+    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    return freeze(model.to(device).eval()), processor
+
+
+def fingerprint(model: nn.Module, targets: list[Target]) -> dict:
+    """What stored results depend on: the model's configuration (hash), the selected weights' names,
+    shapes and values (a hash of up to 65,536 evenly spaced entries of each, so two trainings of one
+    configuration differ)."""
+    config = model.config.to_json_string(use_diff=False)
+    values = hashlib.sha256()
+    for t in targets:
+        w = t.module.weight.detach().flatten()
+        values.update(w[:: max(1, w.numel() // 65536)].float().cpu().numpy().tobytes())
+    return {
+        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+        "weights_sha256": values.hexdigest(),
+        "targets": [{"name": t.name, "shape": list(t.module.weight.shape), "domain": t.domain} for t in targets],
+    }

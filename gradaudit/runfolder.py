@@ -1,0 +1,141 @@
+"""A run folder keeps one audit's results as they are produced (DESIGN.md §5): safetensors and JSON only.
+
+    fingerprint.json                 model configuration and weights hashes, the selected weights
+    reference.safetensors            R sums per weight (fp32), with the ids and N in its metadata
+    stats/<set>/chunk-000000.safetensors   per-sample statistics of one batch, ids in the metadata
+    skipped/<set>.jsonl              manifest lines left out, with the reason
+
+Every file is written to a temporary name and renamed, so a crash loses at most the batch in flight,
+and rerunning continues from what is there without duplicating a sample.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+from gradaudit.stats import SliceStats
+
+STAT_KEYS = ("row_sq", "col_sq", "row_dot", "col_dot")
+
+
+class RunMismatch(ValueError):
+    """Stored results were made with another model, selection or reference."""
+
+
+def _text(text: str):
+    return lambda path: Path(path).write_text(text)
+
+
+def _atomic(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(path, exist_ok=True)
+
+    # fingerprint ---------------------------------------------------------------------------------
+    def bind(self, fingerprint: dict) -> None:
+        """Records the fingerprint, or checks it against the one recorded; says what differs."""
+        path = os.path.join(self.path, "fingerprint.json")
+        if not os.path.exists(path):
+            _atomic(path, _text(json.dumps(fingerprint, indent=1)))
+            return
+        with open(path) as f:
+            stored = json.load(f)
+        differs = [k for k in ("config_sha256", "weights_sha256", "targets") if stored.get(k) != fingerprint.get(k)]
+        if differs:
+            what = {"config_sha256": "the model's configuration", "weights_sha256": "the model's weights",
+                    "targets": "the selected weights (preset or pattern)"}
+            raise RunMismatch(
+                f"{self.path} holds results of another run: {', '.join(what[k] for k in differs)} differ(s). "
+                "Use a new run folder, or the model and selection it was made with."
+            )
+
+    # reference -----------------------------------------------------------------------------------
+    @property
+    def reference_path(self) -> str:
+        return os.path.join(self.path, "reference.safetensors")
+
+    def save_reference(self, sums: dict[str, torch.Tensor], ids: list[str], complete: bool) -> None:
+        meta = {"ids": json.dumps(ids), "n": str(len(ids)), "complete": json.dumps(complete)}
+        tensors = {k: v.contiguous().cpu() for k, v in sums.items()}
+        _atomic(self.reference_path, lambda p: save_file(tensors, p, metadata=meta))
+
+    def load_reference(self) -> tuple[dict[str, torch.Tensor], list[str], bool]:
+        """(sums, ids, complete); empty when nothing is stored yet."""
+        if not os.path.exists(self.reference_path):
+            return {}, [], False
+        with safe_open(self.reference_path, "pt") as f:
+            meta = f.metadata()
+        return load_file(self.reference_path), json.loads(meta["ids"]), json.loads(meta["complete"])
+
+    def reference(self) -> tuple[dict[str, torch.Tensor], int, str]:
+        """R = sums / N for each weight, N, and the file's hash (that statistics record)."""
+        sums, ids, complete = self.load_reference()
+        if not complete:
+            raise ValueError(f"{self.path}: the reference pass has not finished; run `gradaudit reference` first")
+        with open(self.reference_path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        return {k: v / len(ids) for k, v in sums.items()}, len(ids), digest
+
+    # statistics ----------------------------------------------------------------------------------
+    def _stats_dir(self, name: str) -> str:
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"a statistics set needs a plain name; got {name!r}")
+        return os.path.join(self.path, "stats", name)
+
+    def done_ids(self, name: str, ref_sha: str) -> set[str]:
+        """Ids already stored for set ``name``; refuses chunks made against another R."""
+        done = set()
+        for path in sorted(glob.glob(os.path.join(self._stats_dir(name), "chunk-*.safetensors"))):
+            with safe_open(path, "pt") as f:
+                meta = f.metadata()
+            if meta["reference_sha256"] != ref_sha:
+                raise RunMismatch(f"{path} was computed against another reference R; use a new set name")
+            done.update(json.loads(meta["ids"]))
+        return done
+
+    def save_chunk(self, name: str, ids: list[str], stats: dict[str, SliceStats], losses: torch.Tensor,
+                   ref_sha: str) -> str:
+        folder = self._stats_dir(name)
+        os.makedirs(folder, exist_ok=True)
+        index = len(glob.glob(os.path.join(folder, "chunk-*.safetensors")))
+        tensors = {"loss": losses.float().cpu()}
+        for target, s in stats.items():
+            for key in STAT_KEYS:
+                value = getattr(s, key)
+                if value is not None:
+                    tensors[f"{target}|{key}"] = value.float().cpu().contiguous()
+        path = os.path.join(folder, f"chunk-{index:06d}.safetensors")
+        meta = {"ids": json.dumps(ids), "reference_sha256": ref_sha}
+        _atomic(path, lambda p: save_file(tensors, p, metadata=meta))
+        return path
+
+    def load_stats(self, name: str) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """All chunks of a set concatenated: ids, and {"<weight>|<stat>" or "loss": (n, …)}."""
+        ids, parts = [], {}
+        for path in sorted(glob.glob(os.path.join(self._stats_dir(name), "chunk-*.safetensors"))):
+            with safe_open(path, "pt") as f:
+                ids += json.loads(f.metadata()["ids"])
+            for k, v in load_file(path).items():
+                parts.setdefault(k, []).append(v)
+        return ids, {k: torch.cat(v) for k, v in parts.items()}
+
+    def record_skipped(self, name: str, records: list[dict]) -> None:
+        if not records:
+            return
+        folder = os.path.join(self.path, "skipped")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{name}.jsonl")
+        _atomic(path, _text("".join(json.dumps(r) + "\n" for r in records)))

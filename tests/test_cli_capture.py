@@ -1,0 +1,98 @@
+"""`gradaudit layers / reference / extract` end to end on a tiny LLaVA saved to disk."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from gradaudit.capture import batch_stats
+from gradaudit.cli import main
+from gradaudit.models import encode_llava_pairs, llava_layout, llava_targets, load_model
+from gradaudit.runfolder import RunFolder
+from tests.tiny_models import random_images, tiny_llava
+
+TEXTS = ["a red square", "two blue circles on grey", "x", "a green triangle at the top", "noise", "one dot"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit")
+    for seed in (0, 1):
+        model, processor = tiny_llava(seed=seed)
+        model.save_pretrained(root / f"model{seed}")
+        processor.save_pretrained(root / f"model{seed}")
+    (root / "img").mkdir()
+    for i, im in enumerate(random_images(len(TEXTS), seed=3)):
+        im.save(root / "img" / f"{i}.png")
+    for name, idx in (("members", [0, 1, 2]), ("audited", [3, 4, 5, 0])):
+        lines = [json.dumps({"id": f"p{i}", "image": f"img/{i}.png", "text": TEXTS[i]}) for i in idx]
+        (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _run(*args):
+    return main([str(a) for a in args])
+
+
+def test_layers_lists_the_selection(saved, capsys):
+    assert _run("layers", saved / "model0", "--preset", "paper") == 0
+    out = capsys.readouterr().out
+    assert "model.multi_modal_projector.linear_1.weight" in out and "slices" in out
+    assert "vision_tower.encoder.layers.3." not in out
+
+
+def test_reference_extract_resume_and_refusals(saved, capsys):
+    run = saved / "run"
+    common = ["--model", saved / "model0", "--run", run, "--batch-size", 2, "--no-progress"]
+    assert _run("reference", "--manifest", saved / "members.jsonl", *common) == 0
+    assert _run("extract", "--manifest", saved / "audited.jsonl", "--set", "audited", *common) == 0
+    folder = RunFolder(str(run))
+    ids, stats = folder.load_stats("audited")
+    assert sorted(ids) == ["p0", "p3", "p4", "p5"] and stats["loss"].shape == (4,)
+
+    # the stored numbers are the engine's on the same pairs
+    model, processor = load_model(str(saved / "model0"))
+    targets = llava_targets(model, "paper")
+    refs, n, _ = folder.reference()
+    assert n == 3
+    images = {f"p{i}": im for i, im in enumerate(random_images(len(TEXTS), seed=3))}
+    want_ids = ids[:2]
+    batch = encode_llava_pairs(processor, [images[i] for i in want_ids], ["Describe the image."] * 2,
+                               [TEXTS[int(i[1:])] for i in want_ids])
+    direct, _ = batch_stats(model, batch, llava_layout(batch), targets, refs, backend="torch")
+    name = targets[0].name
+    torch.testing.assert_close(stats[f"{name}|row_dot"][:2], direct[name].row_dot, rtol=1e-4, atol=1e-7)
+
+    # a crash after the first chunk: the rerun completes the set without duplicates
+    chunks = sorted(os.listdir(run / "stats" / "audited"))
+    for c in chunks[1:]:
+        os.remove(run / "stats" / "audited" / c)
+    assert _run("extract", "--manifest", saved / "audited.jsonl", "--set", "audited", *common) == 0
+    ids_again, stats_again = folder.load_stats("audited")
+    assert sorted(ids_again) == sorted(ids) and len(ids_again) == 4
+    assert torch.equal(stats_again["loss"][: len(ids) // 2], stats["loss"][: len(ids) // 2])
+
+    # another model, the same run folder: refused, saying what differs
+    other = ["--model", saved / "model1", "--run", run, "--no-progress"]
+    assert _run("extract", "--manifest", saved / "audited.jsonl", "--set", "x", *other) == 2
+    assert "the model's weights" in capsys.readouterr().err
+
+
+def test_bad_manifest_stops_before_any_work(saved, capsys):
+    bad = saved / "bad.jsonl"
+    bad.write_text('{"id": "q", "image": "img/0.png", "text": "ok"}\n{"id": "r", "image": "img/none.png", "text": "t"}\n')
+    run = saved / "run_bad"
+    assert _run("reference", "--manifest", bad, "--model", saved / "model0", "--run", run, "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "line 2" in err and "image not found" in err
+    assert not os.path.exists(run / "reference.safetensors")
+    assert _run("reference", "--manifest", bad, "--model", saved / "model0", "--run", run, "--no-progress",
+                "--on-error", "skip") == 0
+    assert "image not found" in (run / "skipped" / "reference.jsonl").read_text()
+
+
+def test_help_shows_a_complete_example(capsys):
+    with pytest.raises(SystemExit):
+        main(["extract", "--help"])
+    assert "gradaudit extract --model" in capsys.readouterr().out
