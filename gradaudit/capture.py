@@ -89,6 +89,40 @@ def per_sample_text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return (nll * valid).sum(1) / n_text.clamp_min(1)
 
 
+TOKEN_FIELDS = ("label_logp", "mean_logp", "std_logp", "renyi_0.5", "renyi_1", "renyi_2", "renyi_inf", "top_gap")
+
+
+@torch.no_grad()
+def token_quantities(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the logit baselines need, per text token (DESIGN.md §4), from the same forward pass.
+
+    For each position predicting a label ≠ -100: the label's log-probability; the mean and standard
+    deviation of log p under p (Min-K%++); Rényi entropies of p at α = 0.5, 1, 2, ∞; the top-1 − top-2
+    log-probability gap. Returns (values (N_text, 8) float32 in :data:`TOKEN_FIELDS` order, offsets (B+1,)
+    int64 on the CPU), samples in batch order.
+    """
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    valid = target != -100
+    logp = torch.log_softmax(logits[valid], dim=-1)  # (N, V)
+    p = logp.exp()
+    label = logp.gather(1, target[valid].unsqueeze(1)).squeeze(1)
+    mean = (p * logp).sum(1)
+    std = ((p * logp * logp).sum(1) - mean * mean).clamp_min(0).sqrt()
+    top2 = logp.topk(2, dim=1).values
+    values = torch.stack([
+        label, mean, std,
+        2 * torch.logsumexp(0.5 * logp, dim=1),  # α = 0.5: 1/(1-α) log Σ p^α
+        -mean,  # α = 1: Shannon
+        -torch.logsumexp(2 * logp, dim=1),  # α = 2
+        -top2[:, 0],  # α = ∞
+        top2[:, 0] - top2[:, 1],
+    ], dim=1)
+    offsets = torch.zeros(labels.shape[0] + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(valid.sum(1).cpu(), 0)
+    return values, offsets
+
+
 class _Hooks:
     """Installs the three hooks on every target for one forward/backward; calls ``reduce(target, x, Δ)``
     with the layer's input and output gradient as they arrive in backward."""
@@ -134,11 +168,15 @@ class _Hooks:
         return [name for name, xs in self.pending.items() if xs]
 
 
-def _backward(model, batch: dict, targets, reduce) -> torch.Tensor:
+def _backward(model, batch: dict, targets, reduce, tokens: list | None = None) -> torch.Tensor:
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with _Hooks(targets, reduce) as hooks:
-        losses = per_sample_text_loss(model(**inputs).logits, labels)
+        logits = model(**inputs).logits
+        if tokens is not None:
+            tokens.extend(token_quantities(logits, labels))
+        losses = per_sample_text_loss(logits, labels)
+        del logits
         if losses.requires_grad:  # False when no selected layer reaches the loss
             losses.sum().backward()
     missing = hooks.unreached()
@@ -170,18 +208,28 @@ def reference_sums(model, batches: Iterable[tuple[dict, Layout]], targets: list[
     return sums, count
 
 
-def batch_stats(model, batch: dict, layout: Layout, targets: list[Target], refs: dict | None = None, *,
-                backend: str = "auto") -> tuple[dict[str, SliceStats], torch.Tensor]:
-    """Per-sample slice statistics of every target for one batch, against ``refs[name]`` (R) if given.
+@dataclass
+class BatchResult:
+    """One batch's capture: slice statistics per weight (B rows each), per-sample losses (B,), and the
+    per-token quantities of :func:`token_quantities` with their offsets."""
 
-    Returns ({name: SliceStats with B rows}, per-sample losses (B,)).
-    """
+    stats: dict[str, SliceStats]
+    losses: torch.Tensor
+    tokens: torch.Tensor
+    token_offsets: torch.Tensor
+
+
+def batch_stats(model, batch: dict, layout: Layout, targets: list[Target], refs: dict | None = None, *,
+                backend: str = "auto") -> BatchResult:
+    """Per-sample slice statistics of every target for one batch, against ``refs[name]`` (R) if given,
+    and the logit baselines' per-token quantities from the same forward pass."""
     out: dict[str, SliceStats] = {}
+    tokens: list = []
 
     def reduce(target, x, grad):
         x, grad, offsets = layout.pack(target.domain, _as_rows(x), _as_rows(grad))
         ref = refs[target.name] if refs is not None else None
         out[target.name] = slice_stats(x, grad.to(x.dtype), offsets, ref, backend=backend)
 
-    losses = _backward(model, batch, targets, reduce)
-    return out, losses
+    losses = _backward(model, batch, targets, reduce, tokens)
+    return BatchResult(out, losses, *tokens)

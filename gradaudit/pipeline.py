@@ -97,8 +97,8 @@ def run_extract(model_dir: str, manifest: str, run: str, name: str, *, preset: s
     bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), unit="pair", desc=name, disable=not progress)
     for chunk in batches_by_length(todo, batch_size):
         batch = _batch(processor, chunk, device)
-        stats, losses = batch_stats(model, batch, llava_layout(batch), targets, refs, backend=backend)
-        folder.save_chunk(name, [p.id for p in chunk], stats, losses, ref_sha)
+        result = batch_stats(model, batch, llava_layout(batch), targets, refs, backend=backend)
+        folder.save_chunk(name, [p.id for p in chunk], result, ref_sha)
         bar.update(len(chunk))
     bar.close()
     return folder

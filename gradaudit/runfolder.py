@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
-from gradaudit.stats import SliceStats
+from gradaudit.capture import BatchResult
 
 STAT_KEYS = ("row_sq", "col_sq", "row_dot", "col_dot")
 
@@ -106,13 +106,15 @@ class RunFolder:
             done.update(json.loads(meta["ids"]))
         return done
 
-    def save_chunk(self, name: str, ids: list[str], stats: dict[str, SliceStats], losses: torch.Tensor,
-                   ref_sha: str) -> str:
+    def save_chunk(self, name: str, ids: list[str], result: BatchResult, ref_sha: str) -> str:
+        """Stores one batch: per weight "<weight>|<stat>" (B, d); "loss" (B,); "tokens" (N_text, 8) with
+        "token_offsets" (B+1,) (the fields of capture.TOKEN_FIELDS)."""
         folder = self._stats_dir(name)
         os.makedirs(folder, exist_ok=True)
         index = len(glob.glob(os.path.join(folder, "chunk-*.safetensors")))
-        tensors = {"loss": losses.float().cpu()}
-        for target, s in stats.items():
+        tensors = {"loss": result.losses.float().cpu(), "tokens": result.tokens.float().cpu().contiguous(),
+                   "token_offsets": result.token_offsets.cpu()}
+        for target, s in result.stats.items():
             for key in STAT_KEYS:
                 value = getattr(s, key)
                 if value is not None:
@@ -123,14 +125,19 @@ class RunFolder:
         return path
 
     def load_stats(self, name: str) -> tuple[list[str], dict[str, torch.Tensor]]:
-        """All chunks of a set concatenated: ids, and {"<weight>|<stat>" or "loss": (n, …)}."""
-        ids, parts = [], {}
+        """All chunks of a set concatenated: ids, and {"<weight>|<stat>", "loss", "tokens": (n, …),
+        "token_offsets": (n+1,)}."""
+        ids, parts, offsets = [], {}, [torch.zeros(1, dtype=torch.int64)]
         for path in sorted(glob.glob(os.path.join(self._stats_dir(name), "chunk-*.safetensors"))):
             with safe_open(path, "pt") as f:
                 ids += json.loads(f.metadata()["ids"])
-            for k, v in load_file(path).items():
+            chunk = load_file(path)
+            offsets.append(chunk.pop("token_offsets")[1:] + offsets[-1][-1])
+            for k, v in chunk.items():
                 parts.setdefault(k, []).append(v)
-        return ids, {k: torch.cat(v) for k, v in parts.items()}
+        out = {k: torch.cat(v) for k, v in parts.items()}
+        out["token_offsets"] = torch.cat(offsets)
+        return ids, out
 
     def record_skipped(self, name: str, records: list[dict]) -> None:
         if not records:

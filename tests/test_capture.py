@@ -68,7 +68,8 @@ def test_engine_equals_paper_loop(llava, preset, backend):
 
     batch = _batch(processor, audited)
     assert (batch["attention_mask"] == 0).any(), "the audited batch should hold padding"
-    got, losses = batch_stats(model, batch, llava_layout(batch), targets, refs, backend=backend)
+    result = batch_stats(model, batch, llava_layout(batch), targets, refs, backend=backend)
+    got, losses = result.stats, result.losses
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())  # no weight gradients
     want, _ = _paper_loop(model, processor, audited, targets, refs)
     assert set(got) == {t.name for t in targets}
@@ -102,3 +103,25 @@ def test_layer_that_does_not_reach_the_loss_is_refused(llava):
     batch = _batch(processor, [0, 1])
     with pytest.raises(ValueError, match="received no gradient"):
         batch_stats(model, batch, llava_layout(batch), targets)
+
+
+def test_token_quantities_by_hand():
+    import math
+
+    from gradaudit.capture import TOKEN_FIELDS, token_quantities
+
+    p = torch.tensor([0.5, 0.25, 0.25])
+    logits = torch.zeros(2, 3, 3)
+    logits[0, 1] = p.log() + 7.0  # any shift: softmax is shift-free
+    logits[1, 0] = torch.tensor([0.0, 0.0, 0.0])
+    labels = torch.tensor([[-100, -100, 1], [-100, 2, -100]])  # position t predicts labels[t + 1]
+    values, offsets = token_quantities(logits, labels)
+    assert offsets.tolist() == [0, 1, 2] and values.shape == (2, len(TOKEN_FIELDS))
+    lp = [math.log(0.5), math.log(0.25), math.log(0.25)]
+    mean = sum(pi * li for pi, li in zip(p.tolist(), lp))
+    std = math.sqrt(sum(pi * li * li for pi, li in zip(p.tolist(), lp)) - mean**2)
+    want = [math.log(0.25), mean, std, 2 * math.log(math.sqrt(0.5) + 1.0), -mean, -math.log(0.375),
+            -math.log(0.5), math.log(2.0)]
+    torch.testing.assert_close(values[0], torch.tensor(want), rtol=1e-5, atol=1e-6)
+    uniform = [-math.log(3)] * 2 + [0.0] + [math.log(3)] * 4 + [0.0]
+    torch.testing.assert_close(values[1], torch.tensor(uniform), rtol=1e-5, atol=1e-6)

@@ -60,7 +60,7 @@ def test_reference_extract_resume_and_refusals(saved, capsys):
     want_ids = ids[:2]
     batch = encode_llava_pairs(processor, [images[i] for i in want_ids], ["Describe the image."] * 2,
                                [TEXTS[int(i[1:])] for i in want_ids])
-    direct, _ = batch_stats(model, batch, llava_layout(batch), targets, refs, backend="torch")
+    direct = batch_stats(model, batch, llava_layout(batch), targets, refs, backend="torch").stats
     name = targets[0].name
     torch.testing.assert_close(stats[f"{name}|row_dot"][:2], direct[name].row_dot, rtol=1e-4, atol=1e-7)
 
