@@ -45,25 +45,34 @@ class Layout:
     num_samples: int
     keep: dict[str, torch.Tensor | None] = field(default_factory=dict)
     row_sample: dict[str, torch.Tensor] = field(default_factory=dict)
+    _packing: dict = field(default_factory=dict, repr=False)  # per (domain, shape, device): mask, offsets
+
+    def _plan(self, domain: str, shape: tuple, device):
+        key = (domain, shape, device)
+        if key not in self._packing:
+            if domain not in self.keep:
+                raise ValueError(f"the batch layout has no '{domain}' positions; known: {sorted(self.keep)}")
+            keep = self.keep[domain]
+            rows = self.row_sample[domain]
+            if (keep is not None and tuple(keep.shape) != shape) or len(rows) != shape[0]:
+                expected = tuple(keep.shape) if keep is not None else (len(rows), "any")
+                raise ValueError(f"a {domain} layer saw input rows/positions {shape}, but the batch layout "
+                                 f"expects {expected}")
+            per_row = torch.full((shape[0],), shape[1]) if keep is None else keep.sum(1).cpu()
+            counts = torch.zeros(self.num_samples, dtype=torch.int64).index_add_(0, rows.cpu(), per_row)
+            offsets = torch.zeros(self.num_samples + 1, dtype=torch.int64)
+            offsets[1:] = torch.cumsum(counts, 0)
+            mask = None if keep is None or bool(keep.all()) else keep.to(device)
+            self._packing[key] = (mask, offsets)
+        return self._packing[key]
 
     def pack(self, domain: str, x: torch.Tensor, grad: torch.Tensor):
         """Packs real positions of x (R0, R1, d_in) and grad (R0, R1, d_out): returns x, grad (N, d) and
         offsets (B+1,) int64 on the CPU."""
-        if domain not in self.keep:
-            raise ValueError(f"the batch layout has no '{domain}' positions; known: {sorted(self.keep)}")
-        keep = self.keep[domain]
-        keep = torch.ones(x.shape[:2], dtype=torch.bool) if keep is None else keep
-        keep = keep.to(x.device)
-        if tuple(keep.shape) != tuple(x.shape[:2]) or len(self.row_sample[domain]) != x.shape[0]:
-            raise ValueError(
-                f"a {domain} layer saw input of shape {tuple(x.shape)}, but the batch layout expects "
-                f"(rows, positions) = {tuple(keep.shape)}"
-            )
-        counts = torch.zeros(self.num_samples, dtype=torch.int64)
-        counts.index_add_(0, self.row_sample[domain].cpu(), keep.sum(1).cpu())
-        offsets = torch.zeros(self.num_samples + 1, dtype=torch.int64)
-        offsets[1:] = torch.cumsum(counts, 0)
-        return x[keep], grad[keep], offsets
+        mask, offsets = self._plan(domain, tuple(x.shape[:2]), x.device)
+        if mask is None:
+            return x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1]), offsets
+        return x[mask], grad[mask], offsets
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -104,7 +104,7 @@ def encode_llava_pairs(processor, images, prompts, texts) -> dict:
     heads = [f"USER: <image>\n{p} ASSISTANT:" for p in prompts]
     full = [f"{h} {t}{tok.eos_token}" for h, t in zip(heads, texts)]
     batch = dict(processor(images=images, text=full, return_tensors="pt", padding=True))
-    head_lens = [len(processor(images=[im], text=[h], return_tensors="pt")["input_ids"][0]) for im, h in zip(images, heads)]
+    head_lens = processor(images=images, text=heads, return_tensors="pt", padding=True)["attention_mask"].sum(1)
     labels = batch["input_ids"].clone()
     labels[batch["attention_mask"] == 0] = -100
     for b, n in enumerate(head_lens):
