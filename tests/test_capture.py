@@ -23,6 +23,10 @@ def _batch(processor, idx):
     return encode_llava_pairs(processor, [images[i] for i in idx], [PROMPTS[i] for i in idx], [TEXTS[i] for i in idx])
 
 
+def _to(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def _paper_loop(model, processor, idx, targets, refs):
     """Per sample alone: weight gradients by backward, then each row's and column's statistics."""
     weights = {t.name: t.module.weight for t in targets}
@@ -32,7 +36,7 @@ def _paper_loop(model, processor, idx, targets, refs):
     grads_sum = {name: torch.zeros_like(w, dtype=torch.float64) for name, w in weights.items()}
     try:
         for i in idx:
-            batch = _batch(processor, [i])
+            batch = _to(_batch(processor, [i]), weights[targets[0].name].device)
             labels = batch.pop("labels")
             for w in weights.values():
                 w.grad = None
@@ -53,12 +57,10 @@ def _paper_loop(model, processor, idx, targets, refs):
     return {n: {k: torch.stack(v) for k, v in s.items()} for n, s in stats.items()}, grads_sum
 
 
-@pytest.mark.parametrize("preset,backend", [("paper", "cpp"), ("all-linear", "torch")])
-def test_engine_equals_paper_loop(llava, preset, backend):
-    model, processor = llava
+def _engine_equals_paper_loop(model, processor, preset, backend, device):
     targets = llava_targets(model, preset)
     members, audited = [0, 1, 2], [3, 1, 4, 2]  # audited: padding and mixed lengths in one batch
-    batch = _batch(processor, members)
+    batch = _to(_batch(processor, members), device)
     sums, n = reference_sums(model, [(batch, llava_layout(batch))], targets)
     refs = {name: s / n for name, s in sums.items()}
 
@@ -66,7 +68,7 @@ def test_engine_equals_paper_loop(llava, preset, backend):
     for name, s in sums.items():
         torch.testing.assert_close(s.double(), member_grads[name], rtol=1e-4, atol=1e-6)
 
-    batch = _batch(processor, audited)
+    batch = _to(_batch(processor, audited), device)
     assert (batch["attention_mask"] == 0).any(), "the audited batch should hold padding"
     result = batch_stats(model, batch, llava_layout(batch), targets, refs, backend=backend)
     got, losses = result.stats, result.losses
@@ -78,6 +80,20 @@ def test_engine_equals_paper_loop(llava, preset, backend):
             actual = getattr(got[name], key).double()
             assert (actual - expected).abs().le(1e-5 + 1e-4 * expected.abs()).all(), (name, key)
     assert losses.shape == (4,) and torch.isfinite(losses).all()
+
+
+@pytest.mark.parametrize("preset,backend", [("paper", "cpp"), ("all-linear", "torch")])
+def test_engine_equals_paper_loop(llava, preset, backend):
+    _engine_equals_paper_loop(*llava, preset, backend, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["paper", "all-linear"])
+def test_engine_equals_paper_loop_on_cuda(preset):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model, processor = tiny_llava(seed=0)
+    _engine_equals_paper_loop(freeze(model).cuda(), processor, preset, "triton", "cuda")
 
 
 def test_paper_preset_picks_the_blocks_that_reach_the_loss(llava):
