@@ -17,7 +17,10 @@ Interrupted runs continue where they stopped when the same command is run again.
 
 def _common(p: argparse.ArgumentParser, with_data: bool = True) -> None:
     p.add_argument("--model", required=True, help="local model folder (save_pretrained), nothing is downloaded")
-    p.add_argument("--preset", default="paper", choices=["paper", "all-linear"], help="weights to capture")
+    p.add_argument("--adapter", help="PEFT LoRA adapter folder to load on top of the model")
+    p.add_argument("--preset", default="paper", choices=["paper", "lora", "all-linear"],
+                   help="weights to capture (paper: last 3 blocks of each tower + projector, or a LoRA model's "
+                        "A and B matrices)")
     p.add_argument("--pattern", help="regular expression on weight names, applied after the preset")
     if with_data:
         p.add_argument("--manifest", required=True, help="JSONL file of pairs (DESIGN.md §5)")
@@ -37,7 +40,8 @@ def main(argv=None) -> int:
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("layers", help="list the weights a selection picks", epilog=EXAMPLE, formatter_class=fmt)
     p.add_argument("model", help="local model folder")
-    p.add_argument("--preset", default="paper", choices=["paper", "all-linear"])
+    p.add_argument("--adapter", help="PEFT LoRA adapter folder")
+    p.add_argument("--preset", default="paper", choices=["paper", "lora", "all-linear"])
     p.add_argument("--pattern")
     p = sub.add_parser("reference", help="sum the members' gradients into R (the reference pass)",
                        epilog=EXAMPLE, formatter_class=fmt)
@@ -53,9 +57,9 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "layers":
-            print(pipeline.selection_table(args.model, args.preset, args.pattern))
+            print(pipeline.selection_table(args.model, args.preset, args.pattern, args.adapter))
             return 0
-        kw = dict(preset=args.preset, pattern=args.pattern, batch_size=args.batch_size, on_error=args.on_error,
+        kw = dict(adapter=args.adapter, preset=args.preset, pattern=args.pattern, batch_size=args.batch_size, on_error=args.on_error,
                   dtype=args.dtype, device=args.device, progress=not args.no_progress)
         if args.command == "reference":
             folder = pipeline.run_reference(args.model, args.manifest, args.run, **kw)

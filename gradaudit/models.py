@@ -20,7 +20,7 @@ _LLAVA_DOMAINS = (
     ("projector", re.compile(r"^model\.multi_modal_projector\.")),
     ("language", re.compile(r"^model\.language_model\.layers\.(\d+)\.")),
 )
-PRESETS = ("paper", "all-linear")
+PRESETS = ("paper", "lora", "all-linear")
 
 
 def _tied(model: nn.Module, head: nn.Linear) -> bool:
@@ -37,12 +37,17 @@ def _vision_layers_reaching_loss(config, n_layers: int) -> int:
     return layer if layer >= 0 else n_layers + 1 + layer
 
 
+_PEFT_PREFIX = re.compile(r"^base_model\.model\.")
+_LORA = re.compile(r"\.lora_[AB]\.[^.]+$")
+
+
 def llava_targets(model: nn.Module, preset: str = "paper", pattern: str | None = None) -> list[Target]:
-    """Selected linear weights of a LLaVA model.
+    """Selected linear weights of a LLaVA model, or of a PEFT LoRA model wrapping one.
 
     ``paper``: the last 3 language blocks, the last 3 vision blocks that reach the loss, every projector
-    weight (DESIGN.md §2.1). ``all-linear``: every linear weight that reaches the loss except an output
-    head. ``pattern``: a regular expression on parameter names (``….weight``), applied after the preset.
+    weight (DESIGN.md §2.1); for a LoRA model, its LoRA A and B matrices only. ``lora``: the LoRA A and B
+    matrices. ``all-linear``: every linear weight that reaches the loss except a tied output head.
+    ``pattern``: a regular expression on parameter names (``….weight``), applied after the preset.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}; got {preset!r}")
@@ -50,23 +55,31 @@ def llava_targets(model: nn.Module, preset: str = "paper", pattern: str | None =
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        if name == "lm_head":
+        core = _PEFT_PREFIX.sub("", name)
+        if core == "lm_head":
             if preset == "all-linear" and not _tied(model, module):
-                found.append((name, module, "language", None))
+                found.append((name, module, "language", None, False))
             continue
         for domain, rx in _LLAVA_DOMAINS:
-            m = rx.match(name)
+            m = rx.match(core)
             if m:
-                found.append((name, module, domain, int(m.group(1)) if m.groups() else None))
+                block = int(m.group(1)) if m.groups() else None
+                found.append((name, module, domain, block, bool(_LORA.search(core))))
                 break
-    n_blocks = {d: 1 + max((i for _, _, dd, i in found if dd == d and i is not None), default=-1)
+    has_lora = any(lora for *_, lora in found)
+    if preset == "lora" and not has_lora:
+        raise ValueError("preset 'lora' needs a model with a LoRA adapter (load it with --adapter)")
+    lora_only = preset == "lora" or (preset == "paper" and has_lora)
+    n_blocks = {d: 1 + max((b for _, _, dd, b, _ in found if dd == d and b is not None), default=-1)
                 for d in ("vision", "language")}
     reach = _vision_layers_reaching_loss(model.config, n_blocks["vision"])
     keep = []
-    for name, module, domain, block in found:
+    for name, module, domain, block, lora in found:
         if domain == "vision" and block >= reach:
             continue  # its output never reaches the loss
-        if preset == "paper" and block is not None:
+        if lora_only and not lora:
+            continue
+        if preset == "paper" and not has_lora and block is not None:
             last = reach if domain == "vision" else n_blocks[domain]
             if block < last - 3:
                 continue
@@ -117,8 +130,9 @@ SUPPORTED = ("llava",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(model_dir: str, *, dtype: str = "float32", device: str = "cpu"):
-    """(model in eval mode with every weight frozen, processor) from a local folder; nothing is fetched.
+def load_model(model_dir: str, *, adapter: str | None = None, dtype: str = "float32", device: str = "cpu"):
+    """(model in eval mode with every weight frozen, processor) from a local folder, with an optional
+    PEFT LoRA adapter folder on top; nothing is fetched.
 
     So far LLaVA-style checkpoints (``model_type`` "llava"); others raise with the list of what works.
     """
@@ -137,7 +151,25 @@ def load_model(model_dir: str, *, dtype: str = "float32", device: str = "cpu"):
         )
     model = AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True, dtype=DTYPES[dtype])
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    if adapter is not None:
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise ValueError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+        model.gradaudit_adapter_sha256 = _folder_sha256(adapter)
     return freeze(model.to(device).eval()), processor
+
+
+def _folder_sha256(folder: str) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            digest.update(name.encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
 
 
 def fingerprint(model: nn.Module, targets: list[Target]) -> dict:
@@ -152,5 +184,6 @@ def fingerprint(model: nn.Module, targets: list[Target]) -> dict:
     return {
         "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
         "weights_sha256": values.hexdigest(),
+        "adapter_sha256": getattr(model, "gradaudit_adapter_sha256", None),
         "targets": [{"name": t.name, "shape": list(t.module.weight.shape), "domain": t.domain} for t in targets],
     }

@@ -13,8 +13,8 @@ from gradaudit.models import encode_llava_pairs, fingerprint, llava_layout, llav
 from gradaudit.runfolder import RunFolder
 
 
-def _setup(model_dir, run, preset, pattern, dtype, device):
-    model, processor = load_model(model_dir, dtype=dtype, device=device)
+def _setup(model_dir, adapter, run, preset, pattern, dtype, device):
+    model, processor = load_model(model_dir, adapter=adapter, dtype=dtype, device=device)
     targets = llava_targets(model, preset, pattern)
     folder = RunFolder(run)
     folder.bind(fingerprint(model, targets))
@@ -52,12 +52,12 @@ def _batch(processor, pairs, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def run_reference(model_dir: str, manifest: str, run: str, *, preset: str = "paper", pattern: str | None = None,
-                  batch_size: int = 8, on_error: str = "stop", dtype: str = "float32", device: str = "cpu",
+def run_reference(model_dir: str, manifest: str, run: str, *, adapter: str | None = None, preset: str = "paper",
+                  pattern: str | None = None, batch_size: int = 8, on_error: str = "stop", dtype: str = "float32", device: str = "cpu",
                   progress: bool = True) -> RunFolder:
     """Sums each selected weight's gradient over the manifest's pairs (the reference members) into the
     run folder; rerunning continues where it stopped."""
-    model, processor, targets, folder = _setup(model_dir, run, preset, pattern, dtype, device)
+    model, processor, targets, folder = _setup(model_dir, adapter, run, preset, pattern, dtype, device)
     pairs, problems = _pairs(manifest, on_error, processor, model)
     folder.record_skipped("reference", problems_as_records(problems))
     sums, ids, complete = folder.load_reference()
@@ -82,12 +82,12 @@ def run_reference(model_dir: str, manifest: str, run: str, *, preset: str = "pap
     return folder
 
 
-def run_extract(model_dir: str, manifest: str, run: str, name: str, *, preset: str = "paper",
+def run_extract(model_dir: str, manifest: str, run: str, name: str, *, adapter: str | None = None, preset: str = "paper",
                 pattern: str | None = None, batch_size: int = 8, on_error: str = "stop", dtype: str = "float32",
                 device: str = "cpu", backend: str = "auto", progress: bool = True) -> RunFolder:
     """Per-sample statistics of the manifest's pairs against the run's R, stored as set ``name``, a
     chunk per batch; rerunning skips the pairs already stored."""
-    model, processor, targets, folder = _setup(model_dir, run, preset, pattern, dtype, device)
+    model, processor, targets, folder = _setup(model_dir, adapter, run, preset, pattern, dtype, device)
     refs, _, ref_sha = folder.reference()
     refs = {k: v.to(device) for k, v in refs.items()}
     pairs, problems = _pairs(manifest, on_error, processor, model)
@@ -104,9 +104,10 @@ def run_extract(model_dir: str, manifest: str, run: str, name: str, *, preset: s
     return folder
 
 
-def selection_table(model_dir: str, preset: str = "paper", pattern: str | None = None) -> str:
+def selection_table(model_dir: str, preset: str = "paper", pattern: str | None = None,
+                    adapter: str | None = None) -> str:
     """What a selection picks: names, shapes, slices (rows + columns) per weight."""
-    model, _ = load_model(model_dir)
+    model, _ = load_model(model_dir, adapter=adapter)
     targets = llava_targets(model, preset, pattern)
     width = max(len(t.name) for t in targets)
     lines = [f"{'weight'.ljust(width)}  {'domain':9}  {'shape':>12}  {'slices':>7}"]

@@ -53,10 +53,11 @@ class RunFolder:
             return
         with open(path) as f:
             stored = json.load(f)
-        differs = [k for k in ("config_sha256", "weights_sha256", "targets") if stored.get(k) != fingerprint.get(k)]
+        keys = ("config_sha256", "weights_sha256", "adapter_sha256", "targets")
+        differs = [k for k in keys if stored.get(k) != fingerprint.get(k)]
         if differs:
             what = {"config_sha256": "the model's configuration", "weights_sha256": "the model's weights",
-                    "targets": "the selected weights (preset or pattern)"}
+                    "adapter_sha256": "the adapter", "targets": "the selected weights (preset or pattern)"}
             raise RunMismatch(
                 f"{self.path} holds results of another run: {', '.join(what[k] for k in differs)} differ(s). "
                 "Use a new run folder, or the model and selection it was made with."

@@ -96,6 +96,19 @@ def test_engine_equals_paper_loop_on_cuda(preset):
     _engine_equals_paper_loop(freeze(model).cuda(), processor, preset, "triton", "cuda")
 
 
+def test_lora_model_engine_equals_paper_loop():
+    from peft import LoraConfig, get_peft_model
+
+    model, processor = tiny_llava(seed=2)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,  # B ≠ 0: A gets gradients
+                      target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)")
+    model = freeze(get_peft_model(model, lora).eval())
+    names = [t.name for t in llava_targets(model, "paper")]
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert names == [t.name for t in llava_targets(model, "lora")]
+    _engine_equals_paper_loop(model, processor, "lora", "cpp", "cpu")
+
+
 def test_paper_preset_picks_the_blocks_that_reach_the_loss(llava):
     model, _ = llava
     names = [t.name for t in llava_targets(model, "paper")]
@@ -108,6 +121,8 @@ def test_paper_preset_picks_the_blocks_that_reach_the_loss(llava):
     assert all(".q_proj." in n for n in (t.name for t in llava_targets(model, "paper", pattern=r"q_proj")))
     with pytest.raises(ValueError, match="picked no weight"):
         llava_targets(model, "paper", pattern="nothing-matches")
+    with pytest.raises(ValueError, match="needs a model with a LoRA adapter"):
+        llava_targets(model, "lora")
 
 
 def test_layer_that_does_not_reach_the_loss_is_refused(llava):

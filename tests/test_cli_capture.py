@@ -96,3 +96,19 @@ def test_help_shows_a_complete_example(capsys):
     with pytest.raises(SystemExit):
         main(["extract", "--help"])
     assert "gradaudit extract --model" in capsys.readouterr().out
+
+
+def test_adapter_is_part_of_the_fingerprint(saved, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_llava(seed=0)
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=r".*language_model.*\.q_proj")
+    get_peft_model(model, lora).save_pretrained(saved / "adapter")
+    assert _run("layers", saved / "model0", "--adapter", saved / "adapter", "--preset", "lora") == 0
+    listed = capsys.readouterr().out
+    assert "lora_A" in listed and "lora_B" in listed and "mlp" not in listed
+    run = saved / "run_lora"
+    args = ["--manifest", saved / "members.jsonl", "--run", run, "--no-progress"]
+    assert _run("reference", "--model", saved / "model0", "--adapter", saved / "adapter", *args) == 0
+    assert _run("reference", "--model", saved / "model0", "--preset", "all-linear", *args) == 2
+    assert "the adapter" in capsys.readouterr().err
