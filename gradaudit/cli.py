@@ -30,6 +30,9 @@ def _common(p: argparse.ArgumentParser, with_data: bool = True) -> None:
                        help="bad manifest lines: stop before any work (default) or skip them with a record")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
         p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+        p.add_argument("--mode", default="eval", choices=["eval", "train"],
+                       help="train keeps dropout on (no leave-one-out features later)")
+        p.add_argument("--autocast", choices=["bfloat16", "float16"], help="run the forward pass under autocast")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -60,7 +63,8 @@ def main(argv=None) -> int:
             print(pipeline.selection_table(args.model, args.preset, args.pattern, args.adapter))
             return 0
         kw = dict(adapter=args.adapter, preset=args.preset, pattern=args.pattern, batch_size=args.batch_size, on_error=args.on_error,
-                  dtype=args.dtype, device=args.device, progress=not args.no_progress)
+                  dtype=args.dtype, device=args.device, mode=args.mode, autocast=args.autocast,
+                  progress=not args.no_progress)
         if args.command == "reference":
             folder = pipeline.run_reference(args.model, args.manifest, args.run, **kw)
             print(f"reference written to {folder.reference_path}")

@@ -3,21 +3,52 @@ over members, then per-sample statistics of any set against R."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from dataclasses import dataclass
 
+import torch
 from tqdm.auto import tqdm
 
 from gradaudit.capture import batch_stats, reference_sums
-from gradaudit.data import Pair, Problem, batches_by_length, problems_as_records, read_manifest
+from gradaudit.data import ManifestError, Pair, Problem, batches_by_length, problems_as_records, read_manifest
 from gradaudit.models import encode_llava_pairs, fingerprint, llava_layout, llava_targets, load_model
 from gradaudit.runfolder import RunFolder
 
 
-def _setup(model_dir, adapter, run, preset, pattern, dtype, device):
-    model, processor = load_model(model_dir, adapter=adapter, dtype=dtype, device=device)
-    targets = llava_targets(model, preset, pattern)
+@dataclass(frozen=True)
+class Options:
+    """How a capture runs. ``mode`` "train" keeps dropout on (then no leave-one-out later: the
+    statistics pass does not see the gradients that built R); ``autocast`` "bfloat16" runs the forward
+    under autocast. Both are part of the run's fingerprint."""
+
+    adapter: str | None = None
+    preset: str = "paper"
+    pattern: str | None = None
+    batch_size: int = 8
+    on_error: str = "stop"
+    dtype: str = "float32"
+    device: str = "cpu"
+    backend: str = "auto"
+    mode: str = "eval"
+    autocast: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.mode not in ("eval", "train"):
+            raise ValueError(f"mode must be 'eval' or 'train'; got {self.mode!r}")
+        if self.autocast not in (None, "bfloat16", "float16"):
+            raise ValueError(f"autocast must be None, 'bfloat16' or 'float16'; got {self.autocast!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1; got {self.batch_size}")
+
+
+def _setup(model_dir, run, opt: Options):
+    model, processor = load_model(model_dir, adapter=opt.adapter, dtype=opt.dtype, device=opt.device)
+    model.train(opt.mode == "train")
+    targets = llava_targets(model, opt.preset, opt.pattern)
     folder = RunFolder(run)
-    folder.bind(fingerprint(model, targets))
+    folder.bind(fingerprint(model, targets) | {"mode": opt.mode, "autocast": opt.autocast})
     return model, processor, targets, folder
 
 
@@ -39,26 +70,49 @@ def _pairs(manifest, on_error, processor, model):
     pairs, problems = read_manifest(manifest, on_error)
     long = _too_long(processor, model, pairs)
     if long and on_error == "stop":
-        from gradaudit.data import ManifestError
-
         raise ManifestError(manifest, long)
     bad = {p.id for p in long}
     return [p for p in pairs if p.id not in bad], problems + long
 
 
-def _batch(processor, pairs, device):
-    batch = encode_llava_pairs(processor, [p.load_image() for p in pairs], [p.prompt for p in pairs],
-                               [p.text for p in pairs])
-    return {k: v.to(device) for k, v in batch.items()}
+def _each_batch(todo: list[Pair], total: int, desc: str, processor, opt: Options, work) -> None:
+    """Runs ``work(pairs, batch)`` over batches of similar length with a progress bar (pairs/s, ETA).
+    On a CUDA out-of-memory error the batch is halved and retried, down to single pairs."""
+    bar = tqdm(total=total, initial=total - len(todo), unit="pair", desc=desc, disable=not opt.progress)
+
+    def run(chunk):
+        try:
+            batch = encode_llava_pairs(processor, [p.load_image() for p in chunk], [p.prompt for p in chunk],
+                                       [p.text for p in chunk])
+            work(chunk, {k: v.to(opt.device) for k, v in batch.items()})
+        except torch.OutOfMemoryError:
+            if len(chunk) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(chunk) // 2
+            bar.write(f"out of memory on a batch of {len(chunk)}: going on with {half} and {len(chunk) - half}")
+            run(chunk[:half])
+            run(chunk[half:])
+            return
+        bar.update(len(chunk))
+
+    for chunk in batches_by_length(todo, opt.batch_size):
+        run(chunk)
+    bar.close()
 
 
-def run_reference(model_dir: str, manifest: str, run: str, *, adapter: str | None = None, preset: str = "paper",
-                  pattern: str | None = None, batch_size: int = 8, on_error: str = "stop", dtype: str = "float32", device: str = "cpu",
-                  progress: bool = True) -> RunFolder:
+def _autocast(opt: Options):
+    if opt.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(opt.device).type, dtype=getattr(torch, opt.autocast))
+
+
+def run_reference(model_dir: str, manifest: str, run: str, **options) -> RunFolder:
     """Sums each selected weight's gradient over the manifest's pairs (the reference members) into the
-    run folder; rerunning continues where it stopped."""
-    model, processor, targets, folder = _setup(model_dir, adapter, run, preset, pattern, dtype, device)
-    pairs, problems = _pairs(manifest, on_error, processor, model)
+    run folder; rerunning continues where it stopped. ``options``: the fields of :class:`Options`."""
+    opt = Options(**options)
+    model, processor, targets, folder = _setup(model_dir, run, opt)
+    pairs, problems = _pairs(manifest, opt.on_error, processor, model)
     folder.record_skipped("reference", problems_as_records(problems))
     sums, ids, complete = folder.load_reference()
     if complete:
@@ -67,40 +121,38 @@ def run_reference(model_dir: str, manifest: str, run: str, *, adapter: str | Non
     unknown = set(ids) - {p.id for p in pairs}
     if unknown:
         raise ValueError(f"{run} holds a partial reference over ids not in {manifest} (e.g. {sorted(unknown)[:3]})")
-    todo = [p for p in pairs if p.id not in set(ids)]
-    bar = tqdm(total=len(pairs), initial=len(ids), unit="pair", desc="reference", disable=not progress)
-    for chunk in batches_by_length(todo, batch_size):
-        batch = _batch(processor, chunk, device)
-        part, _ = reference_sums(model, [(batch, llava_layout(batch))], targets)
+
+    def work(chunk, batch):
+        with _autocast(opt):
+            part, _ = reference_sums(model, [(batch, llava_layout(batch))], targets)
         for name, value in part.items():
             sums[name] = sums[name] + value.cpu() if name in sums else value.cpu()
-        ids += [p.id for p in chunk]
+        ids.extend(p.id for p in chunk)
         folder.save_reference(sums, ids, complete=False)
-        bar.update(len(chunk))
-    bar.close()
+
+    done = set(ids)
+    _each_batch([p for p in pairs if p.id not in done], len(pairs), "reference", processor, opt, work)
     folder.save_reference(sums, ids, complete=True)
     return folder
 
 
-def run_extract(model_dir: str, manifest: str, run: str, name: str, *, adapter: str | None = None, preset: str = "paper",
-                pattern: str | None = None, batch_size: int = 8, on_error: str = "stop", dtype: str = "float32",
-                device: str = "cpu", backend: str = "auto", progress: bool = True) -> RunFolder:
+def run_extract(model_dir: str, manifest: str, run: str, name: str, **options) -> RunFolder:
     """Per-sample statistics of the manifest's pairs against the run's R, stored as set ``name``, a
-    chunk per batch; rerunning skips the pairs already stored."""
-    model, processor, targets, folder = _setup(model_dir, adapter, run, preset, pattern, dtype, device)
+    chunk per batch; rerunning skips the pairs already stored. ``options``: the fields of :class:`Options`."""
+    opt = Options(**options)
+    model, processor, targets, folder = _setup(model_dir, run, opt)
     refs, _, ref_sha = folder.reference()
-    refs = {k: v.to(device) for k, v in refs.items()}
-    pairs, problems = _pairs(manifest, on_error, processor, model)
+    refs = {k: v.to(opt.device) for k, v in refs.items()}
+    pairs, problems = _pairs(manifest, opt.on_error, processor, model)
     folder.record_skipped(name, problems_as_records(problems))
     done = folder.done_ids(name, ref_sha)
-    todo = [p for p in pairs if p.id not in done]
-    bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), unit="pair", desc=name, disable=not progress)
-    for chunk in batches_by_length(todo, batch_size):
-        batch = _batch(processor, chunk, device)
-        result = batch_stats(model, batch, llava_layout(batch), targets, refs, backend=backend)
+
+    def work(chunk, batch):
+        with _autocast(opt):
+            result = batch_stats(model, batch, llava_layout(batch), targets, refs, backend=opt.backend)
         folder.save_chunk(name, [p.id for p in chunk], result, ref_sha)
-        bar.update(len(chunk))
-    bar.close()
+
+    _each_batch([p for p in pairs if p.id not in done], len(pairs), name, processor, opt, work)
     return folder
 
 

@@ -53,11 +53,12 @@ class RunFolder:
             return
         with open(path) as f:
             stored = json.load(f)
-        keys = ("config_sha256", "weights_sha256", "adapter_sha256", "targets")
+        keys = ("config_sha256", "weights_sha256", "adapter_sha256", "targets", "mode", "autocast")
         differs = [k for k in keys if stored.get(k) != fingerprint.get(k)]
         if differs:
             what = {"config_sha256": "the model's configuration", "weights_sha256": "the model's weights",
-                    "adapter_sha256": "the adapter", "targets": "the selected weights (preset or pattern)"}
+                    "adapter_sha256": "the adapter", "targets": "the selected weights (preset or pattern)",
+                    "mode": "the mode (eval or train)", "autocast": "the autocast setting"}
             raise RunMismatch(
                 f"{self.path} holds results of another run: {', '.join(what[k] for k in differs)} differ(s). "
                 "Use a new run folder, or the model and selection it was made with."

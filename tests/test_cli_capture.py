@@ -112,3 +112,26 @@ def test_adapter_is_part_of_the_fingerprint(saved, capsys):
     assert _run("reference", "--model", saved / "model0", "--adapter", saved / "adapter", *args) == 0
     assert _run("reference", "--model", saved / "model0", "--preset", "all-linear", *args) == 2
     assert "the adapter" in capsys.readouterr().err
+
+
+def test_out_of_memory_halves_the_batch(saved, monkeypatch):
+    from gradaudit import pipeline
+
+    real = pipeline.batch_stats
+    sizes = []
+
+    def tight(model, batch, *args, **kwargs):
+        sizes.append(batch["input_ids"].shape[0])
+        if batch["input_ids"].shape[0] > 1:
+            raise torch.OutOfMemoryError("simulated: no room for more than one pair")
+        return real(model, batch, *args, **kwargs)
+
+    run = str(saved / "run_oom")
+    opts = dict(batch_size=4, progress=False)
+    pipeline.run_reference(str(saved / "model0"), str(saved / "members.jsonl"), run, **opts)
+    monkeypatch.setattr(pipeline, "batch_stats", tight)
+    pipeline.run_extract(str(saved / "model0"), str(saved / "audited.jsonl"), run, "audited", **opts)
+    ids, stats = RunFolder(run).load_stats("audited")
+    assert sorted(ids) == ["p0", "p3", "p4", "p5"] and sizes[:3] == [4, 2, 1]
+    with pytest.raises(ValueError, match="mode must be"):
+        pipeline.Options(mode="training")
