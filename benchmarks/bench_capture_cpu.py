@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gradaudit.capture import batch_stats, freeze, per_sample_text_loss, reference_sums  # noqa: E402
-from gradaudit.models import encode_llava_pairs, llava_layout, llava_targets  # noqa: E402
+from gradaudit.models import batch_layout, encode_pairs, select_targets  # noqa: E402
 from tests.tiny_models import random_images, tiny_llava  # noqa: E402
 
 
@@ -28,7 +28,7 @@ def paper_loop(model, processor, images, texts, targets, refs):
     model.requires_grad_(True)
     out = []
     for im, text in zip(images, texts):
-        batch = encode_llava_pairs(processor, [im], ["Describe the image."], [text])
+        batch = encode_pairs(model, processor, [im], ["Describe the image."], [text])
         labels = batch.pop("labels")
         model.zero_grad(set_to_none=True)
         per_sample_text_loss(model(**batch).logits, labels)[0].backward()
@@ -49,16 +49,16 @@ def main():
     model, processor = tiny_llava(seed=0, width=128, blocks=4)
     freeze(model)
     n_params = sum(p.numel() for p in model.parameters())
-    targets = llava_targets(model, "paper")
+    targets = select_targets(model, "paper")
     images = random_images(args.pairs, seed=1)
     texts = [("a picture of item %03d with words " % i * 4)[:63] for i in range(args.pairs)]
     batches = []
     for s in range(0, args.pairs, args.batch_size):
-        b = encode_llava_pairs(processor, images[s:s + args.batch_size], ["Describe the image."] * len(texts[s:s + args.batch_size]),
+        b = encode_pairs(model, processor, images[s:s + args.batch_size], ["Describe the image."] * len(texts[s:s + args.batch_size]),
                                texts[s:s + args.batch_size])
         batches.append(b)
     n_text = int((batches[0]["labels"][0] != -100).sum())
-    sums, n = reference_sums(model, [(b, llava_layout(b)) for b in batches[:1]], targets)
+    sums, n = reference_sums(model, [(b, batch_layout(model, b)) for b in batches[:1]], targets)
     refs = {k: v / n for k, v in sums.items()}
 
     paper_loop(model, processor, images[:2], texts[:2], targets, refs)  # warm-up
@@ -66,16 +66,16 @@ def main():
     paper_loop(model, processor, images, texts, targets, refs)
     loop_s = time.perf_counter() - t
 
-    batch_stats(model, batches[0], llava_layout(batches[0]), targets, refs)  # warm-up
+    batch_stats(model, batches[0], batch_layout(model, batches[0]), targets, refs)  # warm-up
     t = time.perf_counter()
     for b in batches:
-        batch_stats(model, b, llava_layout(b), targets, refs)
+        batch_stats(model, b, batch_layout(model, b), targets, refs)
     engine_s = time.perf_counter() - t
     # the engine's time includes its encoding of nothing: batches were encoded up front, as the
     # loop's per-pair encoding is part of the paper's procedure; encode time for the engine:
     t = time.perf_counter()
     for s in range(0, args.pairs, args.batch_size):
-        encode_llava_pairs(processor, images[s:s + args.batch_size], ["Describe the image."] * args.batch_size,
+        encode_pairs(model, processor, images[s:s + args.batch_size], ["Describe the image."] * args.batch_size,
                            texts[s:s + args.batch_size])
     encode_s = time.perf_counter() - t
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gradaudit.capture import _backward, batch_stats, freeze, per_sample_text_loss  # noqa: E402
-from gradaudit.models import llava_layout, llava_targets  # noqa: E402
+from gradaudit.models import batch_layout, select_targets  # noqa: E402
 
 
 def build(device):
@@ -83,12 +83,12 @@ def main():
     model = build(dev)
     n_params = sum(p.numel() for p in model.parameters())
     batch = make_batch(args.batch_size, dev)
-    layout = llava_layout(batch)
+    layout = batch_layout(model, batch)
     res = dict(card=torch.cuda.get_device_name(), params=n_params, batch_size=args.batch_size,
                tokens_per_pair=batch["input_ids"].shape[1], command="python " + " ".join(sys.argv),
                date=time.strftime("%Y-%m-%d"), torch=torch.__version__, rows={})
     for preset in ("paper", "all-linear"):
-        targets = llava_targets(model, preset)
+        targets = select_targets(model, preset)
         refs = {t.name: torch.randn(t.module.weight.shape, device=dev) * 1e-3 for t in targets}
         s_fb = timed(lambda: _backward(model, batch, targets, lambda *a: None), 3)
         s_engine = timed(lambda: batch_stats(model, batch, layout, targets, refs), 3)

@@ -1,7 +1,8 @@
-"""Model-side glue: which weights to capture and how a batch's positions map to samples.
+"""Model-side glue: which weights to capture, how pairs become a batch, and how a batch's positions
+map to samples — one :class:`Architecture` per supported ``model_type``.
 
-So far for LLaVA-style models (transformers ≥ 5: ``model.model.{vision_tower, multi_modal_projector,
-language_model}``); other architectures join here with their own block structure and sample layout.
+So far LLaVA and PaliGemma (transformers ≥ 5: ``model.model.{vision_tower, multi_modal_projector,
+language_model}``, one image per sample); others join with their own block structure and layout.
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from gradaudit.capture import Layout, Target
 
-_LLAVA_DOMAINS = (
+_TOWER_PROJECTOR_LM = (  # weight names of LLaVA-style models (after a PEFT prefix is stripped)
     ("vision", re.compile(r"^model\.vision_tower\..*?layers\.(\d+)\.")),
     ("projector", re.compile(r"^model\.multi_modal_projector\.")),
     ("language", re.compile(r"^model\.language_model\.layers\.(\d+)\.")),
@@ -29,7 +32,7 @@ def _tied(model: nn.Module, head: nn.Linear) -> bool:
     return embed is not None and embed.weight.data_ptr() == head.weight.data_ptr()
 
 
-def _vision_layers_reaching_loss(config, n_layers: int) -> int:
+def _llava_vision_reach(config, n_layers: int) -> int:
     """How many vision-encoder blocks feed the projector: LLaVA reads hidden_states[vision_feature_layer]
     (index 0 is the embeddings), so with -2 the last block's output is never used."""
     layer = config.vision_feature_layer
@@ -41,8 +44,8 @@ _PEFT_PREFIX = re.compile(r"^base_model\.model\.")
 _LORA = re.compile(r"\.lora_[AB]\.[^.]+$")
 
 
-def llava_targets(model: nn.Module, preset: str = "paper", pattern: str | None = None) -> list[Target]:
-    """Selected linear weights of a LLaVA model, or of a PEFT LoRA model wrapping one.
+def select_targets(model: nn.Module, preset: str = "paper", pattern: str | None = None) -> list[Target]:
+    """Selected linear weights of a supported model, or of a PEFT LoRA model wrapping one.
 
     ``paper``: the last 3 language blocks, the last 3 vision blocks that reach the loss, every projector
     weight (DESIGN.md §2.1); for a LoRA model, its LoRA A and B matrices only. ``lora``: the LoRA A and B
@@ -51,6 +54,7 @@ def llava_targets(model: nn.Module, preset: str = "paper", pattern: str | None =
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}; got {preset!r}")
+    arch = architecture(model)
     found = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
@@ -60,7 +64,7 @@ def llava_targets(model: nn.Module, preset: str = "paper", pattern: str | None =
             if preset == "all-linear" and not _tied(model, module):
                 found.append((name, module, "language", None, False))
             continue
-        for domain, rx in _LLAVA_DOMAINS:
+        for domain, rx in arch.domains:
             m = rx.match(core)
             if m:
                 block = int(m.group(1)) if m.groups() else None
@@ -72,7 +76,7 @@ def llava_targets(model: nn.Module, preset: str = "paper", pattern: str | None =
     lora_only = preset == "lora" or (preset == "paper" and has_lora)
     n_blocks = {d: 1 + max((b for _, _, dd, b, _ in found if dd == d and b is not None), default=-1)
                 for d in ("vision", "language")}
-    reach = _vision_layers_reaching_loss(model.config, n_blocks["vision"])
+    reach = arch.vision_reach(model.config, n_blocks["vision"])
     keep = []
     for name, module, domain, block, lora in found:
         if domain == "vision" and block >= reach:
@@ -92,12 +96,13 @@ def llava_targets(model: nn.Module, preset: str = "paper", pattern: str | None =
     return keep
 
 
-def llava_layout(batch: dict) -> Layout:
-    """Sample positions of a LLaVA batch: one image per sample; language rows masked by attention_mask."""
+def _one_image_per_sample(batch: dict) -> Layout:
+    """Language rows are samples (padding masked); vision and projector rows are their one image each."""
     n_samples = batch["input_ids"].shape[0]
     n_images = batch["pixel_values"].shape[0]
     if n_images != n_samples:
-        raise ValueError(f"LLaVA batches need one image per sample; got {n_images} images for {n_samples} samples")
+        raise ValueError(f"this architecture's batches need one image per sample; got {n_images} images "
+                         f"for {n_samples} samples")
     rows = torch.arange(n_samples)
     return Layout(
         num_samples=n_samples,
@@ -106,14 +111,10 @@ def llava_layout(batch: dict) -> Layout:
     )
 
 
-def encode_llava_pairs(processor, images, prompts, texts) -> dict:
-    """Tokenised batch with labels on the text tokens only (-100 on image, prompt and padding).
-
-    The prompt reads ``USER: <image>\\n{prompt} ASSISTANT:`` and the text follows it; right padding, so
-    that every sample's positions are those it has alone.
-    """
+def _encode_llava(processor, images, prompts, texts) -> dict:
+    """``USER: <image>\\n{prompt} ASSISTANT: {text}</s>``, labels on the text and end token only."""
     tok = processor.tokenizer
-    tok.padding_side = "right"
+    tok.padding_side = "right"  # every sample keeps the positions it has alone
     heads = [f"USER: <image>\n{p} ASSISTANT:" for p in prompts]
     full = [f"{h} {t}{tok.eos_token}" for h, t in zip(heads, texts)]
     batch = dict(processor(images=images, text=full, return_tensors="pt", padding=True))
@@ -126,7 +127,50 @@ def encode_llava_pairs(processor, images, prompts, texts) -> dict:
     return batch
 
 
-SUPPORTED = ("llava",)
+def _encode_paligemma(processor, images, prompts, texts) -> dict:
+    """PaliGemma's own prefix (image tokens + prompt) and suffix (the text, which carries the labels)."""
+    processor.tokenizer.padding_side = "right"
+    return dict(processor(images=images, text=[f"<image>{p}" for p in prompts], suffix=list(texts),
+                          return_tensors="pt", padding="longest"))
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What GradAudit needs to know of one ``model_type``: its weights' domains (regular expressions on
+    names, a block number as group 1), how many vision blocks reach the loss, how to encode pairs, and
+    where each sample's positions are in a batch."""
+
+    model_type: str
+    domains: tuple
+    vision_reach: Callable
+    encode: Callable
+    layout: Callable
+
+
+ARCHITECTURES = {
+    "llava": Architecture("llava", _TOWER_PROJECTOR_LM, _llava_vision_reach, _encode_llava, _one_image_per_sample),
+    "paligemma": Architecture("paligemma", _TOWER_PROJECTOR_LM, lambda config, n: n, _encode_paligemma,
+                              _one_image_per_sample),
+}
+
+
+def architecture(model: nn.Module) -> Architecture:
+    model_type = model.config.model_type
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"model_type {model_type!r} is not supported yet (supported: {', '.join(ARCHITECTURES)})")
+    return ARCHITECTURES[model_type]
+
+
+def encode_pairs(model: nn.Module, processor, images, prompts, texts) -> dict:
+    """A batch of tensors for ``model`` with labels on the text tokens only (-100 elsewhere)."""
+    return architecture(model).encode(processor, images, prompts, texts)
+
+
+def batch_layout(model: nn.Module, batch: dict) -> Layout:
+    """Where each sample's positions are in ``batch``, per domain."""
+    return architecture(model).layout(batch)
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -134,7 +178,7 @@ def load_model(model_dir: str, *, adapter: str | None = None, dtype: str = "floa
     """(model in eval mode with every weight frozen, processor) from a local folder, with an optional
     PEFT LoRA adapter folder on top; nothing is fetched.
 
-    So far LLaVA-style checkpoints (``model_type`` "llava"); others raise with the list of what works.
+    The ``model_type`` must be one of :data:`ARCHITECTURES`; others raise with the list of what works.
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -145,10 +189,9 @@ def load_model(model_dir: str, *, adapter: str | None = None, dtype: str = "floa
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise ValueError(f"{model_dir} is not a model folder (no config.json); give a save_pretrained folder")
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    if config.model_type not in SUPPORTED:
-        raise ValueError(
-            f"{model_dir}: model_type {config.model_type!r} is not supported yet (supported: {', '.join(SUPPORTED)})"
-        )
+    if config.model_type not in ARCHITECTURES:
+        raise ValueError(f"{model_dir}: model_type {config.model_type!r} is not supported yet "
+                         f"(supported: {', '.join(ARCHITECTURES)})")
     model = AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True, dtype=DTYPES[dtype])
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
     if adapter is not None:

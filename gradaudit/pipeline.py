@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from gradaudit.capture import batch_stats, reference_sums
 from gradaudit.data import ManifestError, Pair, Problem, batches_by_length, problems_as_records, read_manifest
-from gradaudit.models import encode_llava_pairs, fingerprint, llava_layout, llava_targets, load_model
+from gradaudit.models import batch_layout, encode_pairs, fingerprint, load_model, select_targets
 from gradaudit.runfolder import RunFolder
 
 
@@ -46,21 +46,27 @@ class Options:
 def _setup(model_dir, run, opt: Options):
     model, processor = load_model(model_dir, adapter=opt.adapter, dtype=opt.dtype, device=opt.device)
     model.train(opt.mode == "train")
-    targets = llava_targets(model, opt.preset, opt.pattern)
+    targets = select_targets(model, opt.preset, opt.pattern)
     folder = RunFolder(run)
     folder.bind(fingerprint(model, targets) | {"mode": opt.mode, "autocast": opt.autocast})
     return model, processor, targets, folder
 
 
 def _too_long(processor, model, pairs: list[Pair]) -> list[Problem]:
-    """Pairs whose prompt, image tokens and text exceed the language model's context."""
+    """Pairs whose image tokens, template, prompt and text exceed the language model's context. The
+    template's and image's share is measured once on the first pair."""
     limit = model.config.get_text_config().max_position_embeddings
-    first = encode_llava_pairs(processor, [pairs[0].load_image()], [pairs[0].prompt], [pairs[0].text])
-    n_image = int((first["input_ids"] == model.config.image_token_index).sum())
     tok = processor.tokenizer
+
+    def n_tokens(text):
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    first = pairs[0]
+    encoded = encode_pairs(model, processor, [first.load_image()], [first.prompt], [first.text])
+    overhead = encoded["input_ids"].shape[1] - n_tokens(first.prompt) - n_tokens(first.text)
     problems = []
     for p in pairs:
-        n = len(tok(f"USER: \n{p.prompt} ASSISTANT: {p.text}{tok.eos_token}")["input_ids"]) + n_image
+        n = overhead + n_tokens(p.prompt) + n_tokens(p.text)
         if n > limit:
             problems.append(Problem(p.line, p.id, f"{n} tokens with the image: over the context of {limit}"))
     return problems
@@ -75,15 +81,15 @@ def _pairs(manifest, on_error, processor, model):
     return [p for p in pairs if p.id not in bad], problems + long
 
 
-def _each_batch(todo: list[Pair], total: int, desc: str, processor, opt: Options, work) -> None:
+def _each_batch(todo: list[Pair], total: int, desc: str, model, processor, opt: Options, work) -> None:
     """Runs ``work(pairs, batch)`` over batches of similar length with a progress bar (pairs/s, ETA).
     On a CUDA out-of-memory error the batch is halved and retried, down to single pairs."""
     bar = tqdm(total=total, initial=total - len(todo), unit="pair", desc=desc, disable=not opt.progress)
 
     def run(chunk):
         try:
-            batch = encode_llava_pairs(processor, [p.load_image() for p in chunk], [p.prompt for p in chunk],
-                                       [p.text for p in chunk])
+            batch = encode_pairs(model, processor, [p.load_image() for p in chunk], [p.prompt for p in chunk],
+                                 [p.text for p in chunk])
             work(chunk, {k: v.to(opt.device) for k, v in batch.items()})
         except torch.OutOfMemoryError:
             if len(chunk) == 1:
@@ -124,14 +130,14 @@ def run_reference(model_dir: str, manifest: str, run: str, **options) -> RunFold
 
     def work(chunk, batch):
         with _autocast(opt):
-            part, _ = reference_sums(model, [(batch, llava_layout(batch))], targets)
+            part, _ = reference_sums(model, [(batch, batch_layout(model, batch))], targets)
         for name, value in part.items():
             sums[name] = sums[name] + value.cpu() if name in sums else value.cpu()
         ids.extend(p.id for p in chunk)
         folder.save_reference(sums, ids, complete=False)
 
     done = set(ids)
-    _each_batch([p for p in pairs if p.id not in done], len(pairs), "reference", processor, opt, work)
+    _each_batch([p for p in pairs if p.id not in done], len(pairs), "reference", model, processor, opt, work)
     folder.save_reference(sums, ids, complete=True)
     return folder
 
@@ -149,10 +155,10 @@ def run_extract(model_dir: str, manifest: str, run: str, name: str, **options) -
 
     def work(chunk, batch):
         with _autocast(opt):
-            result = batch_stats(model, batch, llava_layout(batch), targets, refs, backend=opt.backend)
+            result = batch_stats(model, batch, batch_layout(model, batch), targets, refs, backend=opt.backend)
         folder.save_chunk(name, [p.id for p in chunk], result, ref_sha)
 
-    _each_batch([p for p in pairs if p.id not in done], len(pairs), name, processor, opt, work)
+    _each_batch([p for p in pairs if p.id not in done], len(pairs), name, model, processor, opt, work)
     return folder
 
 
@@ -160,7 +166,7 @@ def selection_table(model_dir: str, preset: str = "paper", pattern: str | None =
                     adapter: str | None = None) -> str:
     """What a selection picks: names, shapes, slices (rows + columns) per weight."""
     model, _ = load_model(model_dir, adapter=adapter)
-    targets = llava_targets(model, preset, pattern)
+    targets = select_targets(model, preset, pattern)
     width = max(len(t.name) for t in targets)
     lines = [f"{'weight'.ljust(width)}  {'domain':9}  {'shape':>12}  {'slices':>7}"]
     total = 0

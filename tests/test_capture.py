@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from gradaudit.capture import batch_stats, freeze, per_sample_text_loss, reference_sums
-from gradaudit.models import encode_llava_pairs, llava_layout, llava_targets
-from tests.tiny_models import random_images, tiny_llava
+from gradaudit.models import batch_layout, encode_pairs, select_targets
+from tests.tiny_models import random_images, tiny_llava, tiny_paligemma
 
 PROMPTS = ["Describe the image.", "What is shown?", "Caption:", "Describe the image.", "Say it."]
 TEXTS = ["a red square on grey", "two blue circles", "x", "a small green triangle near the top left", "noise"]
@@ -18,9 +18,9 @@ def llava():
     return model, processor
 
 
-def _batch(processor, idx):
+def _batch(model, processor, idx):
     images = random_images(len(PROMPTS), seed=1)
-    return encode_llava_pairs(processor, [images[i] for i in idx], [PROMPTS[i] for i in idx], [TEXTS[i] for i in idx])
+    return encode_pairs(model, processor, [images[i] for i in idx], [PROMPTS[i] for i in idx], [TEXTS[i] for i in idx])
 
 
 def _to(batch, device):
@@ -36,7 +36,7 @@ def _paper_loop(model, processor, idx, targets, refs):
     grads_sum = {name: torch.zeros_like(w, dtype=torch.float64) for name, w in weights.items()}
     try:
         for i in idx:
-            batch = _to(_batch(processor, [i]), weights[targets[0].name].device)
+            batch = _to(_batch(model, processor, [i]), weights[targets[0].name].device)
             labels = batch.pop("labels")
             for w in weights.values():
                 w.grad = None
@@ -58,19 +58,19 @@ def _paper_loop(model, processor, idx, targets, refs):
 
 
 def _engine_equals_paper_loop(model, processor, preset, backend, device):
-    targets = llava_targets(model, preset)
+    targets = select_targets(model, preset)
     members, audited = [0, 1, 2], [3, 1, 4, 2]  # audited: padding and mixed lengths in one batch
-    batch = _to(_batch(processor, members), device)
-    sums, n = reference_sums(model, [(batch, llava_layout(batch))], targets)
+    batch = _to(_batch(model, processor, members), device)
+    sums, n = reference_sums(model, [(batch, batch_layout(model, batch))], targets)
     refs = {name: s / n for name, s in sums.items()}
 
     _, member_grads = _paper_loop(model, processor, members, targets, refs)
     for name, s in sums.items():
         torch.testing.assert_close(s.double(), member_grads[name], rtol=1e-4, atol=1e-6)
 
-    batch = _to(_batch(processor, audited), device)
+    batch = _to(_batch(model, processor, audited), device)
     assert (batch["attention_mask"] == 0).any(), "the audited batch should hold padding"
-    result = batch_stats(model, batch, llava_layout(batch), targets, refs, backend=backend)
+    result = batch_stats(model, batch, batch_layout(model, batch), targets, refs, backend=backend)
     got, losses = result.stats, result.losses
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())  # no weight gradients
     want, _ = _paper_loop(model, processor, audited, targets, refs)
@@ -96,6 +96,15 @@ def test_engine_equals_paper_loop_on_cuda(preset):
     _engine_equals_paper_loop(freeze(model).cuda(), processor, preset, "triton", "cuda")
 
 
+@pytest.mark.parametrize("preset", ["paper", "all-linear"])
+def test_paligemma_engine_equals_paper_loop(preset):
+    model, processor = tiny_paligemma(seed=3)
+    names = [t.name for t in select_targets(freeze(model), preset)]
+    assert not any("lm_head" in n for n in names)  # tied to the embedding: excluded
+    assert any("vision_tower.encoder.layers.3." in n for n in names)  # SigLIP's last block feeds the projector
+    _engine_equals_paper_loop(model, processor, preset, "torch", "cpu")
+
+
 def test_lora_model_engine_equals_paper_loop():
     from peft import LoraConfig, get_peft_model
 
@@ -103,26 +112,26 @@ def test_lora_model_engine_equals_paper_loop():
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,  # B ≠ 0: A gets gradients
                       target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)")
     model = freeze(get_peft_model(model, lora).eval())
-    names = [t.name for t in llava_targets(model, "paper")]
+    names = [t.name for t in select_targets(model, "paper")]
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
-    assert names == [t.name for t in llava_targets(model, "lora")]
+    assert names == [t.name for t in select_targets(model, "lora")]
     _engine_equals_paper_loop(model, processor, "lora", "cpp", "cpu")
 
 
 def test_paper_preset_picks_the_blocks_that_reach_the_loss(llava):
     model, _ = llava
-    names = [t.name for t in llava_targets(model, "paper")]
+    names = [t.name for t in select_targets(model, "paper")]
     assert not any(".layers.3." in n for n in names if "vision_tower" in n)  # hidden_states[-2]: block 3 unused
     assert {int(n.split(".layers.")[1].split(".")[0]) for n in names if "vision_tower" in n} == {0, 1, 2}
     assert {int(n.split(".layers.")[1].split(".")[0]) for n in names if "language_model" in n} == {1, 2, 3}
     assert any("multi_modal_projector" in n for n in names)
     assert not any(n.startswith("lm_head") for n in names)
-    assert any(n.startswith("lm_head") for n in (t.name for t in llava_targets(model, "all-linear")))
-    assert all(".q_proj." in n for n in (t.name for t in llava_targets(model, "paper", pattern=r"q_proj")))
+    assert any(n.startswith("lm_head") for n in (t.name for t in select_targets(model, "all-linear")))
+    assert all(".q_proj." in n for n in (t.name for t in select_targets(model, "paper", pattern=r"q_proj")))
     with pytest.raises(ValueError, match="picked no weight"):
-        llava_targets(model, "paper", pattern="nothing-matches")
+        select_targets(model, "paper", pattern="nothing-matches")
     with pytest.raises(ValueError, match="needs a model with a LoRA adapter"):
-        llava_targets(model, "lora")
+        select_targets(model, "lora")
 
 
 def test_layer_that_does_not_reach_the_loss_is_refused(llava):
@@ -131,9 +140,9 @@ def test_layer_that_does_not_reach_the_loss_is_refused(llava):
 
     last = model.model.vision_tower.encoder.layers[3].mlp.fc2  # after hidden_states[-2]
     targets = [Target("model.vision_tower.encoder.layers.3.mlp.fc2.weight", last, "vision")]
-    batch = _batch(processor, [0, 1])
+    batch = _batch(model, processor, [0, 1])
     with pytest.raises(ValueError, match="received no gradient"):
-        batch_stats(model, batch, llava_layout(batch), targets)
+        batch_stats(model, batch, batch_layout(model, batch), targets)
 
 
 def test_token_quantities_by_hand():

@@ -8,7 +8,7 @@ import torch
 
 from gradaudit.capture import batch_stats
 from gradaudit.cli import main
-from gradaudit.models import encode_llava_pairs, llava_layout, llava_targets, load_model
+from gradaudit.models import batch_layout, encode_pairs, load_model, select_targets
 from gradaudit.runfolder import RunFolder
 from tests.tiny_models import random_images, tiny_llava
 
@@ -53,14 +53,14 @@ def test_reference_extract_resume_and_refusals(saved, capsys):
 
     # the stored numbers are the engine's on the same pairs
     model, processor = load_model(str(saved / "model0"))
-    targets = llava_targets(model, "paper")
+    targets = select_targets(model, "paper")
     refs, n, _ = folder.reference()
     assert n == 3
     images = {f"p{i}": im for i, im in enumerate(random_images(len(TEXTS), seed=3))}
     want_ids = ids[:2]
-    batch = encode_llava_pairs(processor, [images[i] for i in want_ids], ["Describe the image."] * 2,
+    batch = encode_pairs(model, processor, [images[i] for i in want_ids], ["Describe the image."] * 2,
                                [TEXTS[int(i[1:])] for i in want_ids])
-    direct = batch_stats(model, batch, llava_layout(batch), targets, refs, backend="torch").stats
+    direct = batch_stats(model, batch, batch_layout(model, batch), targets, refs, backend="torch").stats
     name = targets[0].name
     torch.testing.assert_close(stats[f"{name}|row_dot"][:2], direct[name].row_dot, rtol=1e-4, atol=1e-7)
 

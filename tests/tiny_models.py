@@ -45,3 +45,23 @@ def tiny_llava(seed=0, width=32, blocks=4):
 def random_images(n, seed=0):
     rng = np.random.default_rng(seed)
     return [Image.fromarray((rng.random((32 + 4 * i, 40, 3)) * 255).astype("uint8")) for i in range(n)]
+
+
+def tiny_paligemma(seed=0, width=32, blocks=4):
+    """(model in eval mode, processor): SigLIP-style tower (32-px images, 8-px patches) + Gemma-style LM,
+    output head tied to the embedding as in PaliGemma."""
+    from transformers import (GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
+                              SiglipImageProcessor, SiglipVisionConfig)
+
+    torch.manual_seed(seed)
+    tok = byte_tokenizer()
+    vision = SiglipVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=blocks,
+                                num_attention_heads=2, image_size=32, patch_size=8)
+    text = GemmaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=blocks,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=width // 2, max_position_embeddings=256)
+    config = PaliGemmaConfig(vision_config=vision, text_config=text, projection_dim=width,
+                             image_token_index=tok.convert_tokens_to_ids("<image>"))
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    images = SiglipImageProcessor(size={"height": 32, "width": 32})
+    images.image_seq_length = (32 // 8) ** 2
+    return model, PaliGemmaProcessor(image_processor=images, tokenizer=tok)
