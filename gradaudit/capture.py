@@ -37,14 +37,16 @@ class Target:
 class Layout:
     """Where each sample's positions are, per domain, for one batch.
 
-    ``keep[domain]`` (R0, R1) bool marks real positions of a layer input shaped (R0, R1, d), or is None
+    For layer inputs shaped (R0, R1, d): ``keep[domain]`` (R0, R1) bool marks real positions, or is None
     when every position is real (vision patches); ``row_sample[domain]`` (R0,) int64 gives the sample of
-    each row, non-decreasing.
+    each row, non-decreasing. For inputs already packed, (N, d) as in Qwen2-VL's vision tower:
+    ``flat_offsets[domain]`` (B+1,) int64 gives each sample's span.
     """
 
     num_samples: int
     keep: dict[str, torch.Tensor | None] = field(default_factory=dict)
     row_sample: dict[str, torch.Tensor] = field(default_factory=dict)
+    flat_offsets: dict[str, torch.Tensor] = field(default_factory=dict)
     _packing: dict = field(default_factory=dict, repr=False)  # per (domain, shape, device): mask, offsets
 
     def _plan(self, domain: str, shape: tuple, device):
@@ -67,8 +69,14 @@ class Layout:
         return self._packing[key]
 
     def pack(self, domain: str, x: torch.Tensor, grad: torch.Tensor):
-        """Packs real positions of x (R0, R1, d_in) and grad (R0, R1, d_out): returns x, grad (N, d) and
-        offsets (B+1,) int64 on the CPU."""
+        """Packs real positions of x (R0, R1, d_in) or (N, d_in) and grad alike: returns x, grad (N, d)
+        and offsets (B+1,) int64 on the CPU."""
+        if x.dim() == 2:
+            offsets = self.flat_offsets.get(domain)
+            if offsets is None or int(offsets[-1]) != x.shape[0]:
+                raise ValueError(f"a {domain} layer saw {x.shape[0]} packed positions, but the batch layout "
+                                 f"gives {'none' if offsets is None else int(offsets[-1])}")
+            return x, grad, offsets
         mask, offsets = self._plan(domain, tuple(x.shape[:2]), x.device)
         if mask is None:
             return x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1]), offsets
@@ -197,11 +205,6 @@ def _backward(model, batch: dict, targets, reduce, tokens: list | None = None) -
     return losses.detach()
 
 
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    """Layer inputs as (rows, positions, d): a 2-D input is one row per sample position list."""
-    return x.unsqueeze(0) if x.dim() == 2 else x
-
-
 def reference_sums(model, batches: Iterable[tuple[dict, Layout]], targets: list[Target]):
     """Σ over samples of each target's per-sample gradient G_b (fp32, shaped like the weight) and the
     number of samples N. R = sums / N. One Δᵀx product per layer and batch: no per-sample work."""
@@ -209,7 +212,7 @@ def reference_sums(model, batches: Iterable[tuple[dict, Layout]], targets: list[
     count = 0
     for batch, layout in batches:
         def reduce(target, x, grad):
-            x, grad, _ = layout.pack(target.domain, _as_rows(x), _as_rows(grad))
+            x, grad, _ = layout.pack(target.domain, x, grad)
             sums[target.name] += grad.float().T @ x.float()
 
         _backward(model, batch, targets, reduce)
@@ -236,7 +239,7 @@ def batch_stats(model, batch: dict, layout: Layout, targets: list[Target], refs:
     tokens: list = []
 
     def reduce(target, x, grad):
-        x, grad, offsets = layout.pack(target.domain, _as_rows(x), _as_rows(grad))
+        x, grad, offsets = layout.pack(target.domain, x, grad)
         ref = refs[target.name] if refs is not None else None
         out[target.name] = slice_stats(x, grad.to(x.dtype), offsets, ref, backend=backend)
 

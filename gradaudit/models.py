@@ -1,8 +1,8 @@
 """Model-side glue: which weights to capture, how pairs become a batch, and how a batch's positions
 map to samples — one :class:`Architecture` per supported ``model_type``.
 
-So far LLaVA and PaliGemma (transformers ≥ 5: ``model.model.{vision_tower, multi_modal_projector,
-language_model}``, one image per sample); others join with their own block structure and layout.
+So far LLaVA, PaliGemma and Qwen2-VL (transformers ≥ 5), one image per sample; others join with their
+own block structure and layout.
 """
 
 from __future__ import annotations
@@ -134,6 +134,54 @@ def _encode_paligemma(processor, images, prompts, texts) -> dict:
                           return_tensors="pt", padding="longest"))
 
 
+_QWEN2_VL = (
+    ("vision", re.compile(r"^model\.visual\.blocks\.(\d+)\.")),
+    ("projector", re.compile(r"^model\.visual\.merger\.")),
+    ("language", re.compile(r"^model\.language_model\.layers\.(\d+)\.")),
+)
+
+
+def _encode_qwen2_vl(processor, images, prompts, texts) -> dict:
+    """Qwen2-VL's chat layout, built from the processor's image processor and tokenizer (its video
+    processor, which needs torchvision, is not used): image pads expanded to the merged patch count."""
+    tok, images_proc = processor.tokenizer, processor.image_processor
+    tok.padding_side = "right"
+    pixels = images_proc(images=images, return_tensors="pt")
+    merged = (pixels["image_grid_thw"].prod(-1) // images_proc.merge_size**2).tolist()
+    heads = [f"<|im_start|>user\n<|vision_start|>{'<|image_pad|>' * n}<|vision_end|>{p}<|im_end|>\n"
+             "<|im_start|>assistant\n" for n, p in zip(merged, prompts)]
+    batch = dict(tok([h + t + "<|im_end|>" for h, t in zip(heads, texts)], return_tensors="pt", padding=True))
+    batch.update(pixels)
+    image_token = tok.convert_tokens_to_ids("<|image_pad|>")
+    batch["mm_token_type_ids"] = (batch["input_ids"] == image_token).long()
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    for b, head in enumerate(heads):
+        labels[b, : len(tok(head)["input_ids"])] = -100
+    batch["labels"] = labels
+    return batch
+
+
+def _qwen2_vl_layout(batch: dict) -> Layout:
+    """Qwen2-VL packs every image's patches into one sequence; the merger sees them merged 2×2."""
+    n_samples = batch["input_ids"].shape[0]
+    thw = batch["image_grid_thw"]
+    if thw.shape[0] != n_samples:
+        raise ValueError(f"one image per sample is supported; got {thw.shape[0]} images for {n_samples} samples")
+    patches = thw.prod(-1).cpu()
+    merged = (batch["mm_token_type_ids"] == 1).sum(1).cpu()  # merged image tokens per sample
+
+    def spans(counts):
+        return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts.to(torch.int64), 0)])
+
+    return Layout(
+        num_samples=n_samples,
+        keep={"language": batch["attention_mask"].bool().cpu()},
+        row_sample={"language": torch.arange(n_samples)},
+        flat_offsets={"vision": spans(patches), "projector": spans(merged)},
+    )
+
+
 @dataclass(frozen=True)
 class Architecture:
     """What GradAudit needs to know of one ``model_type``: its weights' domains (regular expressions on
@@ -151,6 +199,7 @@ ARCHITECTURES = {
     "llava": Architecture("llava", _TOWER_PROJECTOR_LM, _llava_vision_reach, _encode_llava, _one_image_per_sample),
     "paligemma": Architecture("paligemma", _TOWER_PROJECTOR_LM, lambda config, n: n, _encode_paligemma,
                               _one_image_per_sample),
+    "qwen2_vl": Architecture("qwen2_vl", _QWEN2_VL, lambda config, n: n, _encode_qwen2_vl, _qwen2_vl_layout),
 }
 
 
@@ -169,6 +218,29 @@ def encode_pairs(model: nn.Module, processor, images, prompts, texts) -> dict:
 def batch_layout(model: nn.Module, batch: dict) -> Layout:
     """Where each sample's positions are in ``batch``, per domain."""
     return architecture(model).layout(batch)
+
+
+@dataclass
+class ImageTextProcessor:
+    """An image processor and a tokenizer, where the model's own processor cannot be built."""
+
+    image_processor: object
+    tokenizer: object
+
+
+def _image_text_processor(model_dir: str) -> ImageTextProcessor:
+    """The folder's image processor (its class named in preprocessor_config.json, which falls back to
+    Pillow without torchvision) and tokenizer."""
+    import json
+
+    import transformers
+
+    with open(os.path.join(model_dir, "preprocessor_config.json")) as f:
+        kind = json.load(f).get("image_processor_type", "")
+    if not hasattr(transformers, kind):
+        raise ValueError(f"{model_dir}: cannot build its image processor {kind!r} without torchvision")
+    images = getattr(transformers, kind).from_pretrained(model_dir, local_files_only=True)
+    return ImageTextProcessor(images, transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True))
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -193,7 +265,10 @@ def load_model(model_dir: str, *, adapter: str | None = None, dtype: str = "floa
         raise ValueError(f"{model_dir}: model_type {config.model_type!r} is not supported yet "
                          f"(supported: {', '.join(ARCHITECTURES)})")
     model = AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True, dtype=DTYPES[dtype])
-    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    except ImportError:  # e.g. Qwen2-VL's video processor needs torchvision; images and text suffice here
+        processor = _image_text_processor(model_dir)
     if adapter is not None:
         if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
             raise ValueError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")

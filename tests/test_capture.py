@@ -5,7 +5,7 @@ import torch
 
 from gradaudit.capture import batch_stats, freeze, per_sample_text_loss, reference_sums
 from gradaudit.models import batch_layout, encode_pairs, select_targets
-from tests.tiny_models import random_images, tiny_llava, tiny_paligemma
+from tests.tiny_models import random_images, tiny_llava, tiny_paligemma, tiny_qwen2_vl
 
 PROMPTS = ["Describe the image.", "What is shown?", "Caption:", "Describe the image.", "Say it."]
 TEXTS = ["a red square on grey", "two blue circles", "x", "a small green triangle near the top left", "noise"]
@@ -103,6 +103,15 @@ def test_paligemma_engine_equals_paper_loop(preset):
     assert not any("lm_head" in n for n in names)  # tied to the embedding: excluded
     assert any("vision_tower.encoder.layers.3." in n for n in names)  # SigLIP's last block feeds the projector
     _engine_equals_paper_loop(model, processor, preset, "torch", "cpu")
+
+
+@pytest.mark.parametrize("preset", ["paper", "all-linear"])
+def test_qwen2_vl_engine_equals_paper_loop(preset):
+    """Packed vision patches (no batch dimension) and a merger seeing them merged 2×2."""
+    model, processor = tiny_qwen2_vl(seed=4)
+    names = [t.name for t in select_targets(freeze(model), preset)]
+    assert any("visual.merger" in n for n in names) and any("visual.blocks.3." in n for n in names)
+    _engine_equals_paper_loop(model, processor, preset, "cpp", "cpu")
 
 
 def test_lora_model_engine_equals_paper_loop():

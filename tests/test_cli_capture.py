@@ -135,3 +135,15 @@ def test_out_of_memory_halves_the_batch(saved, monkeypatch):
     assert sorted(ids) == ["p0", "p3", "p4", "p5"] and sizes[:3] == [4, 2, 1]
     with pytest.raises(ValueError, match="mode must be"):
         pipeline.Options(mode="training")
+
+
+def test_qwen2_vl_folder_loads_without_torchvision(tmp_path, capsys):
+    """Qwen2-VL's own processor wants torchvision for videos: the image processor and tokenizer suffice."""
+    from tests.tiny_models import tiny_qwen2_vl
+
+    model, processor = tiny_qwen2_vl(seed=0)
+    model.save_pretrained(tmp_path)
+    processor.image_processor.save_pretrained(tmp_path)
+    processor.tokenizer.save_pretrained(tmp_path)
+    assert _run("layers", tmp_path, "--preset", "paper") == 0
+    assert "model.visual.merger" in capsys.readouterr().out

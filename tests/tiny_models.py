@@ -65,3 +65,36 @@ def tiny_paligemma(seed=0, width=32, blocks=4):
     images = SiglipImageProcessor(size={"height": 32, "width": 32})
     images.image_seq_length = (32 // 8) ** 2
     return model, PaliGemmaProcessor(image_processor=images, tokenizer=tok)
+
+
+def tiny_qwen2_vl(seed=0, width=32, blocks=4):
+    """(model in eval mode, processor-like object with image_processor and tokenizer): Qwen2-VL with
+    8-px patches merged 2×2, 32–48-px images. Its real processor needs torchvision for videos."""
+    from types import SimpleNamespace
+
+    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    torch.manual_seed(seed)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    tk.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  model_input_names=["input_ids", "attention_mask"])
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=blocks,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=blocks, embed_dim=width, hidden_size=width, num_heads=2, mlp_ratio=2, patch_size=8,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"])
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    images = Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=48 * 48, patch_size=8, merge_size=2,
+                                   temporal_patch_size=2)
+    return model, SimpleNamespace(image_processor=images, tokenizer=tok)
