@@ -1,8 +1,8 @@
 """Model-side glue: which weights to capture, how pairs become a batch, and how a batch's positions
 map to samples — one :class:`Architecture` per supported ``model_type``.
 
-So far LLaVA, PaliGemma and Qwen2-VL (transformers ≥ 5), one image per sample; others join with their
-own block structure and layout.
+So far LLaVA, PaliGemma, Qwen2-VL and Idefics3/SmolVLM (transformers ≥ 5), one image per sample (for
+Idefics3 its crops are that image's rows); others join with their own block structure and layout.
 """
 
 from __future__ import annotations
@@ -96,18 +96,26 @@ def select_targets(model: nn.Module, preset: str = "paper", pattern: str | None 
     return keep
 
 
-def _one_image_per_sample(batch: dict) -> Layout:
-    """Language rows are samples (padding masked); vision and projector rows are their one image each."""
+def _image_rows(batch: dict) -> Layout:
+    """Language rows are samples (padding masked); vision and projector rows are images, in sample order.
+
+    ``pixel_values`` (B, 3, H, W) holds one image per sample; (B, N, 3, H, W) (Idefics3) up to N, an
+    all-zero image being padding, which the model drops as this layout does.
+    """
     n_samples = batch["input_ids"].shape[0]
-    n_images = batch["pixel_values"].shape[0]
-    if n_images != n_samples:
-        raise ValueError(f"this architecture's batches need one image per sample; got {n_images} images "
+    pixels = batch["pixel_values"]
+    if pixels.dim() == 5:
+        per_sample = (pixels != 0).flatten(2).any(-1).sum(1).cpu()
+        image_rows = torch.repeat_interleave(torch.arange(n_samples), per_sample)
+    elif pixels.shape[0] == n_samples:
+        image_rows = torch.arange(n_samples)
+    else:
+        raise ValueError(f"this architecture's batches need one image per sample; got {pixels.shape[0]} images "
                          f"for {n_samples} samples")
-    rows = torch.arange(n_samples)
     return Layout(
         num_samples=n_samples,
         keep={"language": batch["attention_mask"].bool().cpu(), "vision": None, "projector": None},
-        row_sample={"language": rows, "vision": rows, "projector": rows},
+        row_sample={"language": torch.arange(n_samples), "vision": image_rows, "projector": image_rows},
     )
 
 
@@ -127,6 +135,23 @@ def _encode_llava(processor, images, prompts, texts) -> dict:
     return batch
 
 
+def _encode_idefics3(processor, images, prompts, texts) -> dict:
+    """``User:<image>{prompt}<end_of_utterance>\\nAssistant: {text}</s>``, labels on the text and end token."""
+    tok = processor.tokenizer
+    tok.padding_side = "right"
+    heads = [f"User:<image>{p}<end_of_utterance>\nAssistant:" for p in prompts]
+    nested = [[im] for im in images]
+    batch = dict(processor(images=nested, text=[f"{h} {t}{tok.eos_token}" for h, t in zip(heads, texts)],
+                           return_tensors="pt", padding=True))
+    head_lens = processor(images=nested, text=heads, return_tensors="pt", padding=True)["attention_mask"].sum(1)
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    for b, n in enumerate(head_lens):
+        labels[b, :n] = -100
+    batch["labels"] = labels
+    return batch
+
+
 def _encode_paligemma(processor, images, prompts, texts) -> dict:
     """PaliGemma's own prefix (image tokens + prompt) and suffix (the text, which carries the labels)."""
     processor.tokenizer.padding_side = "right"
@@ -134,6 +159,11 @@ def _encode_paligemma(processor, images, prompts, texts) -> dict:
                           return_tensors="pt", padding="longest"))
 
 
+_IDEFICS3 = (
+    ("vision", re.compile(r"^model\.vision_model\.encoder\.layers\.(\d+)\.")),
+    ("projector", re.compile(r"^model\.connector\.")),
+    ("language", re.compile(r"^model\.text_model\.layers\.(\d+)\.")),
+)
 _QWEN2_VL = (
     ("vision", re.compile(r"^model\.visual\.blocks\.(\d+)\.")),
     ("projector", re.compile(r"^model\.visual\.merger\.")),
@@ -196,9 +226,11 @@ class Architecture:
 
 
 ARCHITECTURES = {
-    "llava": Architecture("llava", _TOWER_PROJECTOR_LM, _llava_vision_reach, _encode_llava, _one_image_per_sample),
+    "llava": Architecture("llava", _TOWER_PROJECTOR_LM, _llava_vision_reach, _encode_llava, _image_rows),
     "paligemma": Architecture("paligemma", _TOWER_PROJECTOR_LM, lambda config, n: n, _encode_paligemma,
-                              _one_image_per_sample),
+                              _image_rows),
+    "idefics3": Architecture("idefics3", _IDEFICS3, lambda config, n: n, _encode_idefics3, _image_rows),
+    "smolvlm": Architecture("smolvlm", _IDEFICS3, lambda config, n: n, _encode_idefics3, _image_rows),
     "qwen2_vl": Architecture("qwen2_vl", _QWEN2_VL, lambda config, n: n, _encode_qwen2_vl, _qwen2_vl_layout),
 }
 

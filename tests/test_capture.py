@@ -5,7 +5,7 @@ import torch
 
 from gradaudit.capture import batch_stats, freeze, per_sample_text_loss, reference_sums
 from gradaudit.models import batch_layout, encode_pairs, select_targets
-from tests.tiny_models import random_images, tiny_llava, tiny_paligemma, tiny_qwen2_vl
+from tests.tiny_models import idefics3_batch, random_images, tiny_idefics3, tiny_llava, tiny_paligemma, tiny_qwen2_vl
 
 PROMPTS = ["Describe the image.", "What is shown?", "Caption:", "Describe the image.", "Say it."]
 TEXTS = ["a red square on grey", "two blue circles", "x", "a small green triangle near the top left", "noise"]
@@ -27,7 +27,7 @@ def _to(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _paper_loop(model, processor, idx, targets, refs):
+def _paper_loop(model, make_batch, idx, targets, refs):
     """Per sample alone: weight gradients by backward, then each row's and column's statistics."""
     weights = {t.name: t.module.weight for t in targets}
     for w in weights.values():
@@ -36,7 +36,7 @@ def _paper_loop(model, processor, idx, targets, refs):
     grads_sum = {name: torch.zeros_like(w, dtype=torch.float64) for name, w in weights.items()}
     try:
         for i in idx:
-            batch = _to(_batch(model, processor, [i]), weights[targets[0].name].device)
+            batch = _to(make_batch([i]), weights[targets[0].name].device)
             labels = batch.pop("labels")
             for w in weights.values():
                 w.grad = None
@@ -57,23 +57,24 @@ def _paper_loop(model, processor, idx, targets, refs):
     return {n: {k: torch.stack(v) for k, v in s.items()} for n, s in stats.items()}, grads_sum
 
 
-def _engine_equals_paper_loop(model, processor, preset, backend, device):
+def _engine_equals_paper_loop(model, processor, preset, backend, device, make_batch=None):
+    make_batch = make_batch or (lambda idx: _batch(model, processor, idx))
     targets = select_targets(model, preset)
     members, audited = [0, 1, 2], [3, 1, 4, 2]  # audited: padding and mixed lengths in one batch
-    batch = _to(_batch(model, processor, members), device)
+    batch = _to(make_batch(members), device)
     sums, n = reference_sums(model, [(batch, batch_layout(model, batch))], targets)
     refs = {name: s / n for name, s in sums.items()}
 
-    _, member_grads = _paper_loop(model, processor, members, targets, refs)
+    _, member_grads = _paper_loop(model, make_batch, members, targets, refs)
     for name, s in sums.items():
         torch.testing.assert_close(s.double(), member_grads[name], rtol=1e-4, atol=1e-6)
 
-    batch = _to(_batch(model, processor, audited), device)
+    batch = _to(make_batch(audited), device)
     assert (batch["attention_mask"] == 0).any(), "the audited batch should hold padding"
     result = batch_stats(model, batch, batch_layout(model, batch), targets, refs, backend=backend)
     got, losses = result.stats, result.losses
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())  # no weight gradients
-    want, _ = _paper_loop(model, processor, audited, targets, refs)
+    want, _ = _paper_loop(model, make_batch, audited, targets, refs)
     assert set(got) == {t.name for t in targets}
     for name in want:
         for key, expected in want[name].items():
@@ -112,6 +113,21 @@ def test_qwen2_vl_engine_equals_paper_loop(preset):
     names = [t.name for t in select_targets(freeze(model), preset)]
     assert any("visual.merger" in n for n in names) and any("visual.blocks.3." in n for n in names)
     _engine_equals_paper_loop(model, processor, preset, "cpp", "cpu")
+
+
+@pytest.mark.parametrize("smolvlm", [False, True])
+def test_idefics3_engine_equals_paper_loop(smolvlm):
+    """Vision rows are images; the connector sees them pixel-shuffled. Batches built by hand: the image
+    processor needs torchvision, which the CPU machine lacks (the GPU test builds them with it)."""
+    model, tok = tiny_idefics3(seed=5, smolvlm=smolvlm)
+    pixels = torch.randn(len(PROMPTS), 3, 32, 32, generator=torch.Generator().manual_seed(6))
+
+    def make_batch(idx):
+        return idefics3_batch(tok, pixels[idx], [PROMPTS[i] for i in idx], [TEXTS[i] for i in idx])
+
+    names = [t.name for t in select_targets(freeze(model), "paper")]
+    assert any("connector" in n for n in names) and any("vision_model.encoder.layers.3." in n for n in names)
+    _engine_equals_paper_loop(model, None, "paper", "cpp", "cpu", make_batch)
 
 
 def test_lora_model_engine_equals_paper_loop():
@@ -174,3 +190,26 @@ def test_token_quantities_by_hand():
     torch.testing.assert_close(values[0], torch.tensor(want), rtol=1e-5, atol=1e-6)
     uniform = [-math.log(3)] * 2 + [0.0] + [math.log(3)] * 4 + [0.0]
     torch.testing.assert_close(values[1], torch.tensor(uniform), rtol=1e-5, atol=1e-6)
+
+
+def _has_torchvision():
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_torchvision(), reason="Idefics3's image processor needs torchvision (run on the GPU machine)")
+def test_idefics3_through_its_processor():
+    """gradaudit's Idefics3 encoding through the real processor (no image splitting)."""
+    from transformers import Idefics3ImageProcessor, Idefics3Processor
+
+    model, tok = tiny_idefics3(seed=5)
+    tok.add_special_tokens({})  # attributes the processor reads:
+    tok.image_token, tok.fake_image_token, tok.global_image_token = "<image>", "<fake_token_around_image>", "<global-img>"
+    tok.end_of_utterance_token = "<end_of_utterance>"
+    images = Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": 32},
+                                    max_image_size={"longest_edge": 32})
+    processor = Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=4)
+    _engine_equals_paper_loop(freeze(model), processor, "paper", "torch", "cpu")

@@ -98,3 +98,48 @@ def tiny_qwen2_vl(seed=0, width=32, blocks=4):
     images = Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=48 * 48, patch_size=8, merge_size=2,
                                    temporal_patch_size=2)
     return model, SimpleNamespace(image_processor=images, tokenizer=tok)
+
+
+def tiny_idefics3(seed=0, width=32, blocks=4, smolvlm=False):
+    """(model in eval mode, tokenizer): Idefics3 (or SmolVLM) with 32-px images, 8-px patches, pixel
+    shuffle 2 (4 image tokens). Its image processor needs torchvision here: see :func:`idefics3_batch`."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>", "<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
+    tk.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  model_input_names=["input_ids", "attention_mask"])
+    pad, image = tok.convert_tokens_to_ids("<pad>"), tok.convert_tokens_to_ids("<image>")
+    vision = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=blocks, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=blocks,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                       tie_word_embeddings=False, pad_token_id=pad)
+    if smolvlm:
+        from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+        config = SmolVLMConfig(vision_config=vision, text_config=text, scale_factor=2, image_token_id=image, pad_token_id=pad)
+        return SmolVLMForConditionalGeneration(config).eval(), tok
+    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=2, image_token_id=image, pad_token_id=pad)
+    return Idefics3ForConditionalGeneration(config).eval(), tok
+
+
+def idefics3_batch(tok, pixels, prompts, texts):
+    """What Idefics3's processor makes without image splitting, built by hand: pixels (B, 3, 32, 32)."""
+    tok.padding_side = "right"
+    image = "<fake_token_around_image><global-img>" + "<image>" * 4 + "<fake_token_around_image>"
+    heads = [f"User:{image}{p}<end_of_utterance>\nAssistant:" for p in prompts]
+    batch = dict(tok([f"{h} {t}</s>" for h, t in zip(heads, texts)], return_tensors="pt", padding=True))
+    batch["pixel_values"] = pixels.unsqueeze(1)
+    batch["pixel_attention_mask"] = torch.ones(pixels.shape[0], 1, 32, 32, dtype=torch.bool)
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    for b, h in enumerate(heads):
+        labels[b, : len(tok(h)["input_ids"])] = -100
+    batch["labels"] = labels
+    return batch
