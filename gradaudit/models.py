@@ -260,6 +260,16 @@ class ImageTextProcessor:
     tokenizer: object
 
 
+def _unsupported(model_dir: str, model: nn.Module) -> str:
+    """What an unsupported architecture holds: its 2-D weights, and what a supported one needs."""
+    weights = [f"  {n}  {tuple(p.shape)}" for n, p in model.named_parameters() if p.dim() == 2]
+    shown = "\n".join(weights[:30]) + (f"\n  … and {len(weights) - 30} more" if len(weights) > 30 else "")
+    return (f"{model_dir}: model_type {model.config.model_type!r} is not supported yet (supported: "
+            f"{', '.join(ARCHITECTURES)}). Capturing needs to know which of its weights belong to the vision "
+            f"tower, the projector and the language model, and where each sample's positions are "
+            f"(gradaudit.models.ARCHITECTURES). Its {len(weights)} 2-D weights:\n{shown}")
+
+
 def _image_text_processor(model_dir: str) -> ImageTextProcessor:
     """The folder's image processor (its class named in preprocessor_config.json, which falls back to
     Pillow without torchvision) and tokenizer."""
@@ -293,10 +303,9 @@ def load_model(model_dir: str, *, adapter: str | None = None, dtype: str = "floa
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise ValueError(f"{model_dir} is not a model folder (no config.json); give a save_pretrained folder")
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    if config.model_type not in ARCHITECTURES:
-        raise ValueError(f"{model_dir}: model_type {config.model_type!r} is not supported yet "
-                         f"(supported: {', '.join(ARCHITECTURES)})")
     model = AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True, dtype=DTYPES[dtype])
+    if config.model_type not in ARCHITECTURES:
+        raise ValueError(_unsupported(model_dir, model))
     try:
         processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
     except ImportError:  # e.g. Qwen2-VL's video processor needs torchvision; images and text suffice here

@@ -2,6 +2,7 @@
 
     fingerprint.json                 model configuration and weights hashes, the selected weights
     reference.safetensors            R sums per weight (fp32), with the ids and N in its metadata
+    reference_norms.safetensors      R's squared row and column norms per weight, once R is complete
     stats/<set>/chunk-000000.safetensors   per-sample statistics of one batch, ids in the metadata
     skipped/<set>.jsonl              manifest lines left out, with the reason
 
@@ -69,10 +70,28 @@ class RunFolder:
     def reference_path(self) -> str:
         return os.path.join(self.path, "reference.safetensors")
 
+    @property
+    def reference_norms_path(self) -> str:
+        return os.path.join(self.path, "reference_norms.safetensors")
+
     def save_reference(self, sums: dict[str, torch.Tensor], ids: list[str], complete: bool) -> None:
+        """R's sums over the ids so far; once complete, also R's squared row and column norms
+        ("<weight>|row_sq", "<weight>|col_sq"), which cosines and leave-one-out need."""
         meta = {"ids": json.dumps(ids), "n": str(len(ids)), "complete": json.dumps(complete)}
         tensors = {k: v.contiguous().cpu() for k, v in sums.items()}
+        if complete:
+            norms = {}
+            for name, total in tensors.items():
+                r_sq = (total.double() / len(ids)) ** 2
+                norms[f"{name}|row_sq"], norms[f"{name}|col_sq"] = r_sq.sum(1).float(), r_sq.sum(0).float()
+            _atomic(self.reference_norms_path, lambda p: save_file(norms, p, metadata={"n": str(len(ids))}))
         _atomic(self.reference_path, lambda p: save_file(tensors, p, metadata=meta))
+
+    def reference_norms(self) -> dict[str, torch.Tensor]:
+        """R's squared row and column norms per weight, written when the reference pass completed."""
+        if not os.path.exists(self.reference_norms_path):
+            raise ValueError(f"{self.path}: the reference pass has not finished; run `gradaudit reference` first")
+        return load_file(self.reference_norms_path)
 
     def load_reference(self) -> tuple[dict[str, torch.Tensor], list[str], bool]:
         """(sums, ids, complete); empty when nothing is stored yet."""

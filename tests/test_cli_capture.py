@@ -56,6 +56,10 @@ def test_reference_extract_resume_and_refusals(saved, capsys):
     targets = select_targets(model, "paper")
     refs, n, _ = folder.reference()
     assert n == 3
+    norms = folder.reference_norms()
+    for name, r in refs.items():
+        torch.testing.assert_close(norms[f"{name}|row_sq"], (r.double() ** 2).sum(1).float())
+        torch.testing.assert_close(norms[f"{name}|col_sq"], (r.double() ** 2).sum(0).float())
     images = {f"p{i}": im for i, im in enumerate(random_images(len(TEXTS), seed=3))}
     want_ids = ids[:2]
     batch = encode_pairs(model, processor, [images[i] for i in want_ids], ["Describe the image."] * 2,
@@ -147,3 +151,18 @@ def test_qwen2_vl_folder_loads_without_torchvision(tmp_path, capsys):
     processor.tokenizer.save_pretrained(tmp_path)
     assert _run("layers", tmp_path, "--preset", "paper") == 0
     assert "model.visual.merger" in capsys.readouterr().out
+
+
+def test_unsupported_architecture_lists_its_weights(tmp_path, capsys):
+    from transformers import AutoConfig
+
+    model, processor = tiny_llava(seed=0)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert config.model_type == "llava"
+    text = (tmp_path / "config.json").read_text().replace('"model_type": "llava"', '"model_type": "llava_next"')
+    (tmp_path / "config.json").write_text(text)
+    assert _run("layers", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "'llava_next' is not supported yet" in err and "2-D weights" in err and "q_proj.weight" in err
