@@ -119,12 +119,27 @@ def _image_rows(batch: dict) -> Layout:
     )
 
 
+def _chat_heads(templated, prompts, default: str) -> list[str]:
+    """The user turn (an image, then the prompt) and the assistant's cue, through the chat template of
+    ``templated`` (a processor or tokenizer) where it has one, else ``default`` formatted with the prompt."""
+    if not getattr(templated, "chat_template", None):
+        return [default.format(prompt=p) for p in prompts]
+    return [templated.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+        add_generation_prompt=True, tokenize=False) for p in prompts]
+
+
+def _joined(heads, texts, end: str) -> list[str]:
+    return [f"{h}{'' if h.endswith((' ', chr(10))) else ' '}{t}{end}" for h, t in zip(heads, texts)]
+
+
 def _encode_llava(processor, images, prompts, texts) -> dict:
-    """``USER: <image>\\n{prompt} ASSISTANT: {text}</s>``, labels on the text and end token only."""
+    """The chat template's user turn (or ``USER: <image>\\n{prompt} ASSISTANT:``), then the text and the
+    end token, which alone carry labels."""
     tok = processor.tokenizer
     tok.padding_side = "right"  # every sample keeps the positions it has alone
-    heads = [f"USER: <image>\n{p} ASSISTANT:" for p in prompts]
-    full = [f"{h} {t}{tok.eos_token}" for h, t in zip(heads, texts)]
+    heads = _chat_heads(processor, prompts, "USER: <image>\n{prompt} ASSISTANT:")
+    full = _joined(heads, texts, tok.eos_token)
     batch = dict(processor(images=images, text=full, return_tensors="pt", padding=True))
     head_lens = processor(images=images, text=heads, return_tensors="pt", padding=True)["attention_mask"].sum(1)
     labels = batch["input_ids"].clone()
@@ -139,10 +154,10 @@ def _encode_idefics3(processor, images, prompts, texts) -> dict:
     """``User:<image>{prompt}<end_of_utterance>\\nAssistant: {text}</s>``, labels on the text and end token."""
     tok = processor.tokenizer
     tok.padding_side = "right"
-    heads = [f"User:<image>{p}<end_of_utterance>\nAssistant:" for p in prompts]
+    heads = _chat_heads(processor, prompts, "User:<image>{prompt}<end_of_utterance>\nAssistant:")
     nested = [[im] for im in images]
-    batch = dict(processor(images=nested, text=[f"{h} {t}{tok.eos_token}" for h, t in zip(heads, texts)],
-                           return_tensors="pt", padding=True))
+    batch = dict(processor(images=nested, text=_joined(heads, texts, tok.eos_token), return_tensors="pt",
+                           padding=True))
     head_lens = processor(images=nested, text=heads, return_tensors="pt", padding=True)["attention_mask"].sum(1)
     labels = batch["input_ids"].clone()
     labels[batch["attention_mask"] == 0] = -100
@@ -178,9 +193,11 @@ def _encode_qwen2_vl(processor, images, prompts, texts) -> dict:
     tok.padding_side = "right"
     pixels = images_proc(images=images, return_tensors="pt")
     merged = (pixels["image_grid_thw"].prod(-1) // images_proc.merge_size**2).tolist()
-    heads = [f"<|im_start|>user\n<|vision_start|>{'<|image_pad|>' * n}<|vision_end|>{p}<|im_end|>\n"
-             "<|im_start|>assistant\n" for n, p in zip(merged, prompts)]
-    batch = dict(tok([h + t + "<|im_end|>" for h, t in zip(heads, texts)], return_tensors="pt", padding=True))
+    default = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    heads = [h.replace("<|image_pad|>", "<|image_pad|>" * n, 1)
+             for h, n in zip(_chat_heads(processor if getattr(processor, "chat_template", None) else tok,
+                                         prompts, default), merged)]
+    batch = dict(tok(_joined(heads, texts, "<|im_end|>"), return_tensors="pt", padding=True))
     batch.update(pixels)
     image_token = tok.convert_tokens_to_ids("<|image_pad|>")
     batch["mm_token_type_ids"] = (batch["input_ids"] == image_token).long()

@@ -117,13 +117,18 @@ def test_qwen2_vl_engine_equals_paper_loop(preset):
 
 @pytest.mark.parametrize("smolvlm", [False, True])
 def test_idefics3_engine_equals_paper_loop(smolvlm):
-    """Vision rows are images; the connector sees them pixel-shuffled. Batches built by hand: the image
-    processor needs torchvision, which the CPU machine lacks (the GPU test builds them with it)."""
+    """Vision rows are crops, a varying number a sample (padding crops dropped); the connector sees them
+    pixel-shuffled. Batches built by hand: the image processor needs torchvision, which the CPU machine
+    lacks (test_idefics3_through_its_processor runs where it is)."""
     model, tok = tiny_idefics3(seed=5, smolvlm=smolvlm)
-    pixels = torch.randn(len(PROMPTS), 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    pixels = torch.randn(len(PROMPTS), 2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    pixels[[1, 3], 1] = 0.0  # samples 1 and 3 have one crop, the others two
 
     def make_batch(idx):
-        return idefics3_batch(tok, pixels[idx], [PROMPTS[i] for i in idx], [TEXTS[i] for i in idx])
+        crops = pixels[idx]
+        if len(idx) == 1 and not crops[0, 1].any():
+            crops = crops[:, :1]  # alone, a one-crop sample has no padding crop
+        return idefics3_batch(tok, crops, [PROMPTS[i] for i in idx], [TEXTS[i] for i in idx])
 
     names = [t.name for t in select_targets(freeze(model), "paper")]
     assert any("connector" in n for n in names) and any("vision_model.encoder.layers.3." in n for n in names)
@@ -212,4 +217,20 @@ def test_idefics3_through_its_processor():
     images = Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": 32},
                                     max_image_size={"longest_edge": 32})
     processor = Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=4)
+    _engine_equals_paper_loop(freeze(model), processor, "paper", "torch", "cpu")
+
+
+def test_chat_template_shapes_the_prompt():
+    """Where the processor has a chat template, the user turn comes from it; labels stay on the text."""
+    model, processor = tiny_llava(seed=0)
+    processor.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    batch = encode_pairs(model, processor, random_images(2), ["Describe.", "Hi"], ["a red square", "x"])
+    tok = processor.tokenizer
+    first = tok.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
+    assert first.startswith("<|user|>") and "<|assistant|>\na red square</s>" in first
+    labelled = tok.decode(batch["labels"][0][batch["labels"][0] != -100])
+    assert labelled == "a red square</s>"
     _engine_equals_paper_loop(freeze(model), processor, "paper", "torch", "cpu")

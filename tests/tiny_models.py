@@ -130,13 +130,16 @@ def tiny_idefics3(seed=0, width=32, blocks=4, smolvlm=False):
 
 
 def idefics3_batch(tok, pixels, prompts, texts):
-    """What Idefics3's processor makes without image splitting, built by hand: pixels (B, 3, 32, 32)."""
+    """What Idefics3's processor makes, built by hand: pixels (B, N, 3, 32, 32) are N crops a sample (an
+    all-zero crop is padding: that sample has fewer), each crop 4 image tokens in the text."""
     tok.padding_side = "right"
-    image = "<fake_token_around_image><global-img>" + "<image>" * 4 + "<fake_token_around_image>"
-    heads = [f"User:{image}{p}<end_of_utterance>\nAssistant:" for p in prompts]
+    crop = "<fake_token_around_image><global-img>" + "<image>" * 4
+    n_crops = (pixels != 0).flatten(2).any(-1).sum(1).tolist()
+    heads = [f"User:{crop * n}<fake_token_around_image>{p}<end_of_utterance>\nAssistant:"
+             for n, p in zip(n_crops, prompts)]
     batch = dict(tok([f"{h} {t}</s>" for h, t in zip(heads, texts)], return_tensors="pt", padding=True))
-    batch["pixel_values"] = pixels.unsqueeze(1)
-    batch["pixel_attention_mask"] = torch.ones(pixels.shape[0], 1, 32, 32, dtype=torch.bool)
+    batch["pixel_values"] = pixels
+    batch["pixel_attention_mask"] = torch.ones(*pixels.shape[:2], 32, 32, dtype=torch.bool)
     labels = batch["input_ids"].clone()
     labels[batch["attention_mask"] == 0] = -100
     for b, h in enumerate(heads):
