@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -128,17 +129,31 @@ def run_reference(model_dir: str, manifest: str, run: str, **options) -> RunFold
     if unknown:
         raise ValueError(f"{run} holds a partial reference over ids not in {manifest} (e.g. {sorted(unknown)[:3]})")
 
+    # R's sums stay on the device; they are saved after every batch while small, else once a minute,
+    # and on Ctrl-C. Sums and ids change together, in one assignment, so a save never mixes them.
+    state = [{k: v.to(opt.device) for k, v in sums.items()}, list(ids)]
+    small = sum(t.module.weight.numel() for t in targets) * 4 <= 256 * 2**20
+    last_save = [time.monotonic()]
+
+    def save(complete=False):
+        folder.save_reference(state[0], state[1], complete)
+        last_save[0] = time.monotonic()
+
     def work(chunk, batch):
         with _autocast(opt):
             part, _ = reference_sums(model, [(batch, batch_layout(model, batch))], targets)
-        for name, value in part.items():
-            sums[name] = sums[name] + value.cpu() if name in sums else value.cpu()
-        ids.extend(p.id for p in chunk)
-        folder.save_reference(sums, ids, complete=False)
+        total = {name: state[0][name] + value if name in state[0] else value for name, value in part.items()}
+        state[:] = [total, state[1] + [p.id for p in chunk]]
+        if small or time.monotonic() - last_save[0] > 60:
+            save()
 
     done = set(ids)
-    _each_batch([p for p in pairs if p.id not in done], len(pairs), "reference", model, processor, opt, work)
-    folder.save_reference(sums, ids, complete=True)
+    try:
+        _each_batch([p for p in pairs if p.id not in done], len(pairs), "reference", model, processor, opt, work)
+    except KeyboardInterrupt:
+        save()
+        raise
+    save(complete=True)
     return folder
 
 

@@ -166,3 +166,33 @@ def test_unsupported_architecture_lists_its_weights(tmp_path, capsys):
     assert _run("layers", tmp_path) == 2
     err = capsys.readouterr().err
     assert "'llava_next' is not supported yet" in err and "2-D weights" in err and "q_proj.weight" in err
+
+
+def test_interrupted_reference_pass_resumes_to_the_same_r(saved, monkeypatch):
+    from gradaudit import pipeline
+
+    opts = dict(batch_size=1, progress=False)
+    whole = str(saved / "run_whole")
+    pipeline.run_reference(str(saved / "model0"), str(saved / "members.jsonl"), whole, **opts)
+
+    real, calls = pipeline.reference_sums, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    run = str(saved / "run_interrupted")
+    monkeypatch.setattr(pipeline, "reference_sums", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_reference(str(saved / "model0"), str(saved / "members.jsonl"), run, **opts)
+    sums, ids, complete = RunFolder(run).load_reference()
+    assert len(ids) == 1 and not complete
+    monkeypatch.setattr(pipeline, "reference_sums", real)
+    pipeline.run_reference(str(saved / "model0"), str(saved / "members.jsonl"), run, **opts)
+    got, n, _ = RunFolder(run).reference()
+    want, n_whole, _ = RunFolder(whole).reference()
+    assert n == n_whole == 3
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-8)
