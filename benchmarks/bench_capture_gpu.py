@@ -97,8 +97,6 @@ def main():
         res["rows"][preset] = dict(weights=len(targets), fwd_bwd=args.batch_size / s_fb,
                                    engine=args.batch_size / s_engine, loop=args.batch_size / s_loop)
         print(preset, res["rows"][preset], flush=True)
-        del refs
-        torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"capture_{res['card'].replace(' ', '_')}")
     with open(stem + ".json", "w") as f:

@@ -10,9 +10,7 @@ import pstats
 import sys
 import time
 
-import numpy as np
 import torch
-import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
