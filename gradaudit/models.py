@@ -7,6 +7,7 @@ Idefics3 its crops are that image's rows); others join with their own block stru
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -133,38 +134,33 @@ def _joined(heads, texts, end: str) -> list[str]:
     return [f"{h}{'' if h.endswith((' ', chr(10))) else ' '}{t}{end}" for h, t in zip(heads, texts)]
 
 
-def _encode_llava(processor, images, prompts, texts) -> dict:
-    """The chat template's user turn (or ``USER: <image>\\n{prompt} ASSISTANT:``), then the text and the
-    end token, which alone carry labels."""
-    tok = processor.tokenizer
-    tok.padding_side = "right"  # every sample keeps the positions it has alone
-    heads = _chat_heads(processor, prompts, "USER: <image>\n{prompt} ASSISTANT:")
-    full = _joined(heads, texts, tok.eos_token)
-    batch = dict(processor(images=images, text=full, return_tensors="pt", padding=True))
-    head_lens = processor(images=images, text=heads, return_tensors="pt", padding=True)["attention_mask"].sum(1)
+def _text_labels(batch: dict, head_lens) -> dict:
+    """Labels = input ids, -100 on padding and on each sample's first ``head_lens[b]`` positions."""
     labels = batch["input_ids"].clone()
     labels[batch["attention_mask"] == 0] = -100
     for b, n in enumerate(head_lens):
-        labels[b, :n] = -100
+        labels[b, : int(n)] = -100
     batch["labels"] = labels
     return batch
 
 
-def _encode_idefics3(processor, images, prompts, texts) -> dict:
-    """``User:<image>{prompt}<end_of_utterance>\\nAssistant: {text}</s>``, labels on the text and end token."""
+def _encode_turns(processor, images, prompts, texts, *, default: str, nest_images: bool = False) -> dict:
+    """The chat template's user turn (or ``default``), then the text and the end token, which alone carry
+    labels; right padding, so every sample keeps the positions it has alone. ``nest_images``: the
+    processor takes a list of images per sample (Idefics3)."""
     tok = processor.tokenizer
     tok.padding_side = "right"
-    heads = _chat_heads(processor, prompts, "User:<image>{prompt}<end_of_utterance>\nAssistant:")
-    nested = [[im] for im in images]
-    batch = dict(processor(images=nested, text=_joined(heads, texts, tok.eos_token), return_tensors="pt",
+    heads = _chat_heads(processor, prompts, default)
+    images = [[im] for im in images] if nest_images else images
+    batch = dict(processor(images=images, text=_joined(heads, texts, tok.eos_token), return_tensors="pt",
                            padding=True))
-    head_lens = processor(images=nested, text=heads, return_tensors="pt", padding=True)["attention_mask"].sum(1)
-    labels = batch["input_ids"].clone()
-    labels[batch["attention_mask"] == 0] = -100
-    for b, n in enumerate(head_lens):
-        labels[b, :n] = -100
-    batch["labels"] = labels
-    return batch
+    return _text_labels(batch, processor(images=images, text=heads, return_tensors="pt",
+                                         padding=True)["attention_mask"].sum(1))
+
+
+_encode_llava = functools.partial(_encode_turns, default="USER: <image>\n{prompt} ASSISTANT:")
+_encode_idefics3 = functools.partial(_encode_turns, default="User:<image>{prompt}<end_of_utterance>\nAssistant:",
+                                     nest_images=True)
 
 
 def _encode_paligemma(processor, images, prompts, texts) -> dict:
@@ -201,12 +197,7 @@ def _encode_qwen2_vl(processor, images, prompts, texts) -> dict:
     batch.update(pixels)
     image_token = tok.convert_tokens_to_ids("<|image_pad|>")
     batch["mm_token_type_ids"] = (batch["input_ids"] == image_token).long()
-    labels = batch["input_ids"].clone()
-    labels[batch["attention_mask"] == 0] = -100
-    for b, head in enumerate(heads):
-        labels[b, : len(tok(head)["input_ids"])] = -100
-    batch["labels"] = labels
-    return batch
+    return _text_labels(batch, [len(tok(h)["input_ids"]) for h in heads])
 
 
 def _qwen2_vl_layout(batch: dict) -> Layout:
