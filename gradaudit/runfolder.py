@@ -160,6 +160,31 @@ class RunFolder:
         out["token_offsets"] = torch.cat(offsets)
         return ids, out
 
+    def slice_set(self, name: str):
+        """Set ``name`` as the method's plain arrays: (ids, SliceSet with R's norms and N, and which pairs
+        built R), plus the other stored per-pair arrays ("loss", "tokens", "token_offsets")."""
+        import numpy as np
+
+        from gradaudit.method import SliceSet
+
+        _, ref_ids, complete = self.load_reference()
+        if not complete:
+            raise ValueError(f"{self.path}: the reference pass has not finished; run `gradaudit reference` first")
+        norms = self.reference_norms()
+        ids, stats = self.load_stats(name)
+        if not ids:
+            raise ValueError(f"{self.path}: no statistics stored for set {name!r}; run `gradaudit extract` first")
+        weights = sorted({k.split("|")[0] for k in stats if "|" in k})
+        arrays = {key: {w: stats[f"{w}|{key}"].double().numpy() for w in weights}
+                  for key in ("row_dot", "row_sq", "col_dot", "col_sq")}
+        members = set(ref_ids)
+        pairs = SliceSet(weights, **arrays,
+                         ref_row_sq={w: norms[f"{w}|row_sq"].double().numpy() for w in weights},
+                         ref_col_sq={w: norms[f"{w}|col_sq"].double().numpy() for w in weights},
+                         n_ref=len(ref_ids), in_ref=np.array([i in members for i in ids]))
+        rest = {k: v.numpy() for k, v in stats.items() if "|" not in k}
+        return ids, pairs, rest
+
     def record_skipped(self, name: str, records: list[dict]) -> None:
         if not records:
             return

@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,6 +68,14 @@ def test_reference_extract_resume_and_refusals(saved, capsys):
     direct = batch_stats(model, batch, batch_layout(model, batch), targets, refs, backend="torch").stats
     name = targets[0].name
     torch.testing.assert_close(stats[f"{name}|row_dot"][:2], direct[name].row_dot, rtol=1e-4, atol=1e-7)
+
+    # the method's view of the same numbers: p0 built R, its leave-one-out cosines differ from the plain ones
+    set_ids, pairs, rest = folder.slice_set("audited")
+    assert set_ids == ids and pairs.in_ref.tolist() == [i == "p0" for i in ids] and pairs.n_ref == 3
+    plain, loo = pairs.cosines(), pairs.cosines(loo=True)
+    member = ids.index("p0")
+    assert not np.allclose(plain[member], loo[member]) and np.allclose(np.delete(plain, member, 0), np.delete(loo, member, 0))
+    assert rest["loss"].shape == (4,) and rest["tokens"].shape[1] == 8
 
     # a crash after the first chunk: the rerun completes the set without duplicates
     chunks = sorted(os.listdir(run / "stats" / "audited"))
