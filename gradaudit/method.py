@@ -148,11 +148,13 @@ class GradAudit:
         self.kept_ = {n: (int(keep[groups == g].sum()), int((groups == g).sum())) for g, n in enumerate(names)}
         return self
 
-    def score_samples(self, pairs: SliceSet) -> np.ndarray:
-        """S(x) for each pair (n,): the kept cosines' mean, signed for the signed variant."""
+    def score_samples(self, pairs: SliceSet, loo: bool | None = None) -> np.ndarray:
+        """S(x) for each pair (n,): the kept cosines' mean, signed for the signed variant. ``loo``
+        (default: as fitted) scores pairs that built R against R without themselves: evaluating any
+        variant on reference members needs it (DESIGN.md §2.4)."""
         if not hasattr(self, "keep_"):
             raise ValueError("call fit before score_samples")
-        cos = pairs.cosines(self.loo)
+        cos = pairs.cosines(self.loo if loo is None else loo)
         if cos.shape[1] != self.keep_.size:
             raise ValueError(f"these pairs have {cos.shape[1]} slices; the fit had {self.keep_.size}")
         return cos @ self.weight_ / self.keep_.sum()

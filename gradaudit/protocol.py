@@ -1,0 +1,129 @@
+"""Honest model selection on the reference sets alone (DESIGN.md §2.4).
+
+Every variant is refitted inside each of 5 stratified folds over the reference pairs (mask, head,
+regularisation) and scored on the held-out fold; a reference member is always evaluated with its
+leave-one-out features, which are distributed like a probe member's (neither is in the R it is scored
+against). The out-of-fold scores give each variant's AUROC and TPR at low FPR; ``method="auto"`` takes
+the best by that estimate, the paper's variant is always computed and reported, and probes never enter
+a fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradaudit.method import GradAudit, SliceSet
+from gradaudit.metrics import auroc, tpr_at_fpr
+
+# name: (kind, options). "score": a GradAudit variant; "head": logistic regression on slice features.
+VARIANTS = {
+    "paper": ("score", dict()),
+    "loo": ("score", dict(loo=True)),
+    "signed": ("score", dict(loo=True, signed=True)),
+    "head-cosine": ("head", dict(features="cosine")),
+    "head-lognorm": ("head", dict(features="lognorm")),
+    "head-both": ("head", dict(features="both")),
+}
+
+
+def head_features(pairs: SliceSet, features: str) -> np.ndarray:
+    """(n, F) features of the supervised head: leave-one-out slice cosines, log slice norms, or both."""
+    parts = []
+    if features in ("cosine", "both"):
+        parts.append(pairs.cosines(loo=True))
+    if features in ("lognorm", "both"):
+        norms = [np.log(np.concatenate([pairs.row_sq[w], pairs.col_sq[w]], axis=1) + 1e-30) for w in pairs.weights]
+        parts.append(0.5 * np.concatenate(norms, axis=1))
+    if not parts:
+        raise ValueError(f"features must be 'cosine', 'lognorm' or 'both'; got {features!r}")
+    return np.concatenate(parts, axis=1)
+
+
+class Head:
+    """Regularised logistic regression on standardised slice features, its strength chosen by inner
+    cross-validation on the training pairs only. ``score_samples`` gives the logit (higher = member)."""
+
+    def __init__(self, features: str = "both", seed: int = 0):
+        self.features, self.seed = features, seed
+
+    def fit(self, members: SliceSet, nonmembers: SliceSet) -> Head:
+        from sklearn.linear_model import LogisticRegressionCV
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        x = np.concatenate([head_features(members, self.features), head_features(nonmembers, self.features)])
+        y = np.r_[np.ones(members.num_pairs), np.zeros(nonmembers.num_pairs)]
+        inner = max(2, min(3, int(min(members.num_pairs, nonmembers.num_pairs))))
+        self.model_ = make_pipeline(StandardScaler(), LogisticRegressionCV(
+            Cs=np.logspace(-4, 2, 7), l1_ratios=(0.0,), cv=inner, scoring="roc_auc", max_iter=2000,
+            random_state=self.seed, use_legacy_attributes=False))  # L2 penalty
+        self.model_.fit(x, y)
+        return self
+
+    def score_samples(self, pairs: SliceSet) -> np.ndarray:
+        return self.model_.decision_function(head_features(pairs, self.features))
+
+
+def make_variant(name: str):
+    kind, options = VARIANTS[name]
+    return GradAudit(**options) if kind == "score" else Head(**options)
+
+
+def _evaluate(model, pairs: SliceSet) -> np.ndarray:
+    """Scores of reference pairs: leave-one-out features for the members that built R."""
+    if isinstance(model, GradAudit):
+        return model.score_samples(pairs, loo=True)
+    return model.score_samples(pairs)
+
+
+def stratified_folds(n_members: int, n_nonmembers: int, folds: int, seed: int) -> np.ndarray:
+    """Fold of every reference pair (members first, then non-members), each class spread evenly."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in (n_members, n_nonmembers):
+        f = np.arange(n) % folds
+        rng.shuffle(f)
+        out.append(f)
+    return np.concatenate(out)
+
+
+@dataclass
+class Estimate:
+    """A variant's out-of-fold scores on the reference pairs and the figures they give."""
+
+    scores: np.ndarray  # (n_members + n_nonmembers,), members first
+    auroc: float
+    tpr_at_1pct: float | None
+    tpr_at_5pct: float | None
+
+
+def cross_validate(members: SliceSet, nonmembers: SliceSet, variants=tuple(VARIANTS), folds: int = 5,
+                   seed: int = 0) -> dict[str, Estimate]:
+    """Out-of-fold estimates of each variant, everything refitted inside every fold."""
+    if members.num_pairs < folds or nonmembers.num_pairs < folds:
+        raise ValueError(f"{folds}-fold cross-validation needs at least {folds} members and non-members; "
+                         f"got {members.num_pairs} and {nonmembers.num_pairs}")
+    n_m = members.num_pairs
+    fold = stratified_folds(n_m, nonmembers.num_pairs, folds, seed)
+    out = {}
+    for name in variants:
+        scores = np.empty(fold.size)
+        for k in range(folds):
+            train_m, train_n = fold[:n_m] != k, fold[n_m:] != k
+            model = make_variant(name).fit(members.subset(train_m), nonmembers.subset(train_n))
+            scores[:n_m][~train_m] = _evaluate(model, members.subset(~train_m))
+            scores[n_m:][~train_n] = _evaluate(model, nonmembers.subset(~train_n))
+        pos, neg = scores[:n_m], scores[n_m:]
+        out[name] = Estimate(scores, auroc(pos, neg), tpr_at_fpr(pos, neg, 0.01), tpr_at_fpr(pos, neg, 0.05))
+    return out
+
+
+def choose(estimates: dict[str, Estimate], method: str = "auto") -> str:
+    """The variant to use: the best out-of-fold AUROC for ``auto`` (the paper's on a tie), else ``method``."""
+    if method != "auto":
+        if method not in estimates:
+            raise ValueError(f"method must be 'auto' or one of {sorted(estimates)}; got {method!r}")
+        return method
+    return max(estimates, key=lambda n: (estimates[n].auroc, n == "paper"))
