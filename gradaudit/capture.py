@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from gradaudit.ops import slice_stats
-from gradaudit.stats import SliceStats
+from gradaudit.stats import TOKEN_FIELDS, SliceStats
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,6 @@ def per_sample_text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     ).view(target.shape)
     n_text = valid.sum(1)
     return (nll * valid).sum(1) / n_text.clamp_min(1)
-
-
-TOKEN_FIELDS = ("label_logp", "mean_logp", "std_logp", "renyi_0.5", "renyi_1", "renyi_2", "renyi_inf", "top_gap")
 
 
 @torch.no_grad()

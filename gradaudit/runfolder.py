@@ -129,7 +129,7 @@ class RunFolder:
 
     def save_chunk(self, name: str, ids: list[str], result: BatchResult, ref_sha: str) -> str:
         """Stores one batch: per weight "<weight>|<stat>" (B, d); "loss" (B,); "tokens" (N_text, 8) with
-        "token_offsets" (B+1,) (the fields of capture.TOKEN_FIELDS)."""
+        "token_offsets" (B+1,) (the fields of stats.TOKEN_FIELDS)."""
         folder = self._stats_dir(name)
         os.makedirs(folder, exist_ok=True)
         index = len(glob.glob(os.path.join(folder, "chunk-*.safetensors")))

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+# The per-text-token quantities the capture's forward pass records for the logit baselines, in this order.
+TOKEN_FIELDS = ("label_logp", "mean_logp", "std_logp", "renyi_0.5", "renyi_1", "renyi_2", "renyi_inf", "top_gap")
+
 
 @dataclass(frozen=True)
 class SliceStats:

@@ -178,7 +178,8 @@ def test_layer_that_does_not_reach_the_loss_is_refused(llava):
 def test_token_quantities_by_hand():
     import math
 
-    from gradaudit.capture import TOKEN_FIELDS, token_quantities
+    from gradaudit.capture import token_quantities
+    from gradaudit.stats import TOKEN_FIELDS
 
     p = torch.tensor([0.5, 0.25, 0.25])
     logits = torch.zeros(2, 3, 3)
