@@ -22,7 +22,8 @@ class SliceSet:
 
     row_dot, row_sq: (n, d_out); col_dot, col_sq: (n, d_in); ref_row_sq (d_out,), ref_col_sq (d_in,):
     R's squared slice norms; n_ref: how many members built R; in_ref (n,) bool: which of these pairs
-    were among them (their leave-one-out features remove them from R).
+    were among them (their leave-one-out features remove them from R); extra: other per-pair scores
+    (the baselines) that the combined head reads beside the gradient features.
     """
 
     weights: list[str]
@@ -34,6 +35,7 @@ class SliceSet:
     ref_col_sq: dict[str, np.ndarray]
     n_ref: int
     in_ref: np.ndarray = field(default=None)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # other per-pair scores, e.g. baselines (n,)
 
     def __post_init__(self):
         n = self.num_pairs
@@ -42,6 +44,9 @@ class SliceSet:
         self.in_ref = np.asarray(self.in_ref, dtype=bool)
         if self.in_ref.shape != (n,):
             raise ValueError(f"in_ref must have shape ({n},); got {self.in_ref.shape}")
+        for k, v in self.extra.items():
+            if np.shape(v) != (n,):
+                raise ValueError(f"extra score {k!r} must have shape ({n},); got {np.shape(v)}")
         for w in self.weights:
             for name, arrays, ref in (("row", (self.row_dot, self.row_sq), self.ref_row_sq),
                                       ("col", (self.col_dot, self.col_sq), self.ref_col_sq)):
@@ -58,7 +63,8 @@ class SliceSet:
         pick = {k: {w: v[w][index] for w in self.weights} for k, v in
                 (("row_dot", self.row_dot), ("row_sq", self.row_sq), ("col_dot", self.col_dot), ("col_sq", self.col_sq))}
         return SliceSet(self.weights, **pick, ref_row_sq=self.ref_row_sq, ref_col_sq=self.ref_col_sq,
-                        n_ref=self.n_ref, in_ref=self.in_ref[index])
+                        n_ref=self.n_ref, in_ref=self.in_ref[index],
+                        extra={k: np.asarray(v)[index] for k, v in self.extra.items()})
 
     def groups(self) -> tuple[np.ndarray, list[str]]:
         """(K,) group index of every slice column of :meth:`cosines`, and the group names

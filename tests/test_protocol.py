@@ -42,6 +42,19 @@ def test_planted_signal_is_found_and_leave_one_out_is_honest():
         choose(est, "best")
 
 
+def test_combined_head_uses_the_baselines():
+    """A baseline that separates the classes carries the combined head where gradients have no signal."""
+    members, nonmembers = _reference(signal=0.0, seed=4)
+    rng = np.random.default_rng(5)
+    members.extra = {"loss": rng.normal(1.5, 1, members.num_pairs)}
+    nonmembers.extra = {"loss": rng.normal(0.0, 1, nonmembers.num_pairs)}
+    est = cross_validate(members, nonmembers, variants=("head-both", "combined"))
+    assert est["combined"].auroc > 0.75 and est["head-both"].auroc < 0.7
+    members.extra, nonmembers.extra = {}, {}
+    with pytest.raises(ValueError, match="needs the baselines"):
+        cross_validate(members, nonmembers, variants=("combined",))
+
+
 def test_no_signal_reads_as_chance():
     """Without a planted direction nothing separates members from non-members once members are scored
     leave-one-out; the paper's in-sample R would flatter them (DESIGN.md §2.2)."""
