@@ -70,11 +70,20 @@ class Calibrator:
             prior = new
         return prior
 
-    def exposure(self, scores, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
-        """Estimated member share of a collection with a percentile bootstrap interval over its pairs."""
+    def exposure(self, scores, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                 reference: tuple | None = None) -> tuple[float, float, float]:
+        """Estimated member share of a collection with a percentile bootstrap interval over its pairs.
+        ``reference`` = (member_scores, nonmember_scores) the components came from: each resample then
+        refits them on resampled reference scores too, so the interval carries their uncertainty."""
         s = _scores("scores", scores)
         rng = np.random.default_rng(seed)
-        boots = [self.estimate_prior(s[rng.integers(0, s.size, s.size)]) for _ in range(n_boot)]
+        boots = []
+        for _ in range(n_boot):
+            cal = self
+            if reference is not None:
+                pos, neg = (np.asarray(r, dtype=np.float64) for r in reference)
+                cal = Calibrator().fit(pos[rng.integers(0, pos.size, pos.size)], neg[rng.integers(0, neg.size, neg.size)])
+            boots.append(cal.estimate_prior(s[rng.integers(0, s.size, s.size)]))
         half = (1 - level) / 2
         return self.estimate_prior(s), float(np.quantile(boots, half)), float(np.quantile(boots, 1 - half))
 

@@ -54,6 +54,12 @@ def main(argv=None) -> int:
     _common(p)
     p.add_argument("--set", required=True, dest="name", help="name of the statistics set, e.g. audited")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpp", "torch"])
+    from gradaudit import audit as audit_module
+
+    p = sub.add_parser("audit", help="run a whole audit from a TOML file (resumable)",
+                       epilog=audit_module.__doc__, formatter_class=fmt)
+    p.add_argument("config", help="TOML file: model, run folder, manifests, options")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 
     from gradaudit import pipeline
@@ -61,6 +67,14 @@ def main(argv=None) -> int:
     try:
         if args.command == "layers":
             print(pipeline.selection_table(args.model, args.preset, args.pattern, args.adapter))
+            return 0
+        if args.command == "audit":
+            from gradaudit.report import verdict
+
+            result = audit_module.run_audit(args.config, progress=not args.no_progress)
+            print(verdict(result))
+            print(f"report: {result['run']}/report.html  pairs: {result['run']}/pairs.csv  "
+                  f"metrics: {result['run']}/metrics.json")
             return 0
         kw = dict(adapter=args.adapter, preset=args.preset, pattern=args.pattern, batch_size=args.batch_size, on_error=args.on_error,
                   dtype=args.dtype, device=args.device, mode=args.mode, autocast=args.autocast,

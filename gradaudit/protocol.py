@@ -126,12 +126,28 @@ def stratified_folds(n_members: int, n_nonmembers: int, folds: int, seed: int) -
 
 @dataclass
 class Estimate:
-    """A variant's out-of-fold scores on the reference pairs and the figures they give."""
+    """A variant's out-of-fold scores on the reference pairs, the figures they give, and the models fitted
+    in the folds (``models[k]`` never saw the pairs of fold k)."""
 
     scores: np.ndarray  # (n_members + n_nonmembers,), members first
     auroc: float
     tpr_at_1pct: float | None
     tpr_at_5pct: float | None
+    models: list
+    fold: np.ndarray
+
+    def score_probes(self, probes: SliceSet, reference_position: np.ndarray) -> np.ndarray:
+        """Scores of audited pairs on the same footing as the out-of-fold scores (which calibration
+        reads): a probe that is itself reference pair i gets its out-of-fold score; any other gets the mean
+        of the fold models' scores, none of which saw it. ``reference_position[j]`` is probe j's index
+        among the reference pairs (members first), or -1."""
+        fresh = reference_position < 0
+        out = np.empty(probes.num_pairs)
+        out[~fresh] = self.scores[reference_position[~fresh]]
+        if fresh.any():
+            subset = probes.subset(fresh)
+            out[fresh] = np.mean([_evaluate(m, subset) for m in self.models], axis=0)
+        return out
 
 
 def cross_validate(members: SliceSet, nonmembers: SliceSet, variants=tuple(VARIANTS), folds: int = 5,
@@ -144,14 +160,16 @@ def cross_validate(members: SliceSet, nonmembers: SliceSet, variants=tuple(VARIA
     fold = stratified_folds(n_m, nonmembers.num_pairs, folds, seed)
     out = {}
     for name in variants:
-        scores = np.empty(fold.size)
+        scores, models = np.empty(fold.size), []
         for k in range(folds):
             train_m, train_n = fold[:n_m] != k, fold[n_m:] != k
             model = make_variant(name).fit(members.subset(train_m), nonmembers.subset(train_n))
             scores[:n_m][~train_m] = _evaluate(model, members.subset(~train_m))
             scores[n_m:][~train_n] = _evaluate(model, nonmembers.subset(~train_n))
+            models.append(model)
         pos, neg = scores[:n_m], scores[n_m:]
-        out[name] = Estimate(scores, auroc(pos, neg), tpr_at_fpr(pos, neg, 0.01), tpr_at_fpr(pos, neg, 0.05))
+        out[name] = Estimate(scores, auroc(pos, neg), tpr_at_fpr(pos, neg, 0.01), tpr_at_fpr(pos, neg, 0.05),
+                             models, fold)
     return out
 
 

@@ -33,6 +33,11 @@ def test_prior_estimate_recovers_the_member_share(share):
     collection = np.concatenate([rng.normal(2.0, 1.0, k), rng.normal(0.0, 1.0, n - k)])
     value, low, high = cal.exposure(collection, n_boot=200)
     assert abs(value - share) < 0.03 and low - 0.01 <= share <= high + 0.01
+    # with the reference's own uncertainty the interval can only widen
+    pos, neg = rng.normal(2.0, 1.0, 50), rng.normal(0.0, 1.0, 50)
+    narrow = Calibrator().fit(pos, neg).exposure(collection, n_boot=200)
+    wide = Calibrator().fit(pos, neg).exposure(collection, n_boot=200, reference=(pos, neg))
+    assert wide[2] - wide[1] >= narrow[2] - narrow[1] - 0.005
 
 
 def test_mann_whitney_matches_a_hand_case_and_the_collection_test():

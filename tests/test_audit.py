@@ -1,0 +1,73 @@
+"""`gradaudit audit CONFIG` end to end on a tiny LLaVA: the outputs' content, not just their presence."""
+
+import csv
+import json
+import os
+
+import pytest
+
+from gradaudit.cli import main
+from tests.tiny_models import random_images, tiny_llava
+
+WORDS = ["red", "blue", "green", "small", "large", "square", "circle", "dot", "left", "right", "top", "noise"]
+
+
+@pytest.fixture(scope="module")
+def audit_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit")
+    model, processor = tiny_llava(seed=0)
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    (root / "img").mkdir()
+    images = random_images(40, seed=7)
+    for i, im in enumerate(images):
+        im.save(root / "img" / f"{i}.png")
+
+    def text(i):
+        return " ".join(WORDS[(i * k + 3) % len(WORDS)] for k in range(1, 6))
+
+    def manifest(name, idx, label=None):
+        lines = []
+        for i in idx:
+            rec = {"id": f"p{i}", "image": f"img/{i}.png", "text": text(i)}
+            if label is not None:
+                rec["label"] = label(i)
+            lines.append(json.dumps(rec))
+        (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+
+    manifest("ref_members", range(0, 12))
+    manifest("ref_nonmembers", range(12, 24))
+    manifest("probes", list(range(0, 6)) + list(range(24, 34)), label=lambda i: int(i < 12))
+    (root / "audit.toml").write_text(
+        'model = "model"\nrun = "run"\npreset = "paper"\n[data]\nreference_members = "ref_members.jsonl"\n'
+        'reference_nonmembers = "ref_nonmembers.jsonl"\nprobes = "probes.jsonl"\n[options]\nbatch_size = 6\n')
+    return root
+
+
+def test_audit_writes_what_an_auditor_reads(audit_dir, capsys):
+    assert main(["audit", str(audit_dir / "audit.toml"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "training pairs" in out and "report.html" in out
+    run = audit_dir / "run"
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["method"] in m["cross_validated"] and "paper" in m["cross_validated"]
+    assert set(m["cross_validated"]) == {"paper", "loo", "signed", "head-cosine", "head-lognorm", "head-both", "combined"}
+    assert {"loss", "zlib", "min_k", "min_k_plus_plus", "gradient_norm"} <= set(m["cross_validated_baselines"])
+    assert 0 <= m["exposure"]["estimate"] <= 1 and m["exposure"]["ci"][0] <= m["exposure"]["ci"][1]
+    assert 0 <= m["collection_test"]["p_value"] <= 1 and m["probes"] == 16
+    ev = m["evaluation"]
+    assert 0 <= ev["gradaudit"]["auroc"] <= 1 and ev["gradaudit"]["tpr_at_0.01_fpr"] is None  # 10 negatives
+    assert m["true_member_share"] == pytest.approx(6 / 16)
+    rows = list(csv.DictReader(open(run / "pairs.csv")))
+    assert len(rows) == 16 and {r["verdict"] for r in rows} <= {"member", "non-member"}
+    assert all(0 <= float(r["probability"]) <= 1 for r in rows) and "min_k_plus_plus" in rows[0]
+    page = (run / "report.html").read_text()
+    assert "GradAudit report" in page and "training pairs" in page and page.count("data:image/png;base64,") == 5
+    assert sorted(os.listdir(run / "figures")) == ["comparison.png", "mask.png", "reliability.png", "roc.png", "scores.png"]
+
+
+def test_audit_config_errors(tmp_path, capsys):
+    bad = tmp_path / "a.toml"
+    bad.write_text('model = "m"\n[data]\nprobes = "p.jsonl"\n')
+    assert main(["audit", str(bad)]) == 2
+    assert "missing run, data.reference_members" in capsys.readouterr().err
