@@ -32,8 +32,7 @@ import numpy as np
 from gradaudit import metrics
 from gradaudit.baselines import all_baselines
 from gradaudit.calibration import Calibrator, collection_test
-from gradaudit.data import read_manifest
-from gradaudit.method import GradAudit, SliceSet
+from gradaudit.method import GradAudit
 from gradaudit.pipeline import Options, run_extract, run_reference
 from gradaudit.protocol import VARIANTS, choose, cross_validate
 from gradaudit.runfolder import RunFolder
@@ -75,17 +74,110 @@ class AuditConfig:
                    pattern=raw.get("pattern"), options=dict(raw.get("options", {})))
 
 
-def _with_baselines(pairs: SliceSet, rest: dict, texts: list[str]) -> SliceSet:
-    pairs.extra = all_baselines(rest["tokens"], rest["token_offsets"], texts, pairs)
-    return pairs
-
-
-def _load_set(folder: RunFolder, name: str, manifest: str, on_error: str):
+def load_set(folder: RunFolder, name: str):
+    """(ids, SliceSet with the baselines as extra scores, labels) of a stored statistics set."""
     ids, pairs, rest = folder.slice_set(name)
-    by_id = {p.id: p for p in read_manifest(manifest, on_error)[0]}
-    texts = [by_id[i].text for i in ids]
-    labels = [by_id[i].label for i in ids]
-    return ids, _with_baselines(pairs, rest, texts), labels
+    info_ids, texts, labels = folder.pair_info(name)
+    if info_ids != ids:
+        raise ValueError(f"{folder.path}: set {name!r} has inconsistent chunks; extract it again into a new set")
+    pairs.extra = all_baselines(rest["tokens"], rest["token_offsets"], texts, pairs)
+    return ids, pairs, labels
+
+
+def fit(run: str, method: str = "auto", folds: int = 5) -> dict:
+    """Cross-validates every variant on the run's reference sets and chooses one; writes fit.json.
+    Returns the state that scoring needs (estimates, reference sets and their ids)."""
+    if method != "auto" and method not in VARIANTS:
+        raise ValueError(f"method must be 'auto' or one of {sorted(VARIANTS)}; got {method!r}")
+    folder = RunFolder(run)
+    member_ids, members, _ = load_set(folder, "reference_members")
+    nonmember_ids, nonmembers, _ = load_set(folder, "reference_nonmembers")
+    estimates = cross_validate(members, nonmembers, folds=folds)
+    chosen = choose(estimates, method)
+    summary = {
+        "method": chosen, "requested_method": method,
+        "reference": {"members": members.num_pairs, "nonmembers": nonmembers.num_pairs, "folds": folds},
+        "cross_validated": {k: {"auroc": e.auroc, "tpr_at_0.01_fpr": e.tpr_at_1pct, "tpr_at_0.05_fpr": e.tpr_at_5pct}
+                            for k, e in estimates.items()},
+        "cross_validated_baselines": {k: metrics.auroc(members.extra[k], nonmembers.extra[k]) for k in members.extra},
+    }
+    with open(os.path.join(run, "fit.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return dict(summary=summary, estimates=estimates, members=members, nonmembers=nonmembers,
+                reference_ids=member_ids + nonmember_ids)
+
+
+def score(run: str, name: str = "probes", method: str = "auto", folds: int = 5, state: dict | None = None) -> dict:
+    """Scores set ``name`` against the fit (recomputed from the run folder unless ``state`` is given):
+    scores, calibrated probabilities at the set's own prior, exposure, the collection test; writes
+    pairs.csv (per pair) and returns everything the evaluation and the report read."""
+    state = state or fit(run, method, folds)
+    folder = RunFolder(run)
+    probe_ids, probes, labels = load_set(folder, name)
+    estimates, n_m = state["estimates"], state["members"].num_pairs
+    chosen = state["summary"]["method"]
+    oof = estimates[chosen].scores
+    position = {pid: i for i, pid in enumerate(state["reference_ids"])}
+    reference_position = np.array([position.get(pid, -1) for pid in probe_ids])
+    probe_scores = estimates[chosen].score_probes(probes, reference_position)
+    paper_scores = estimates["paper"].score_probes(probes, reference_position)
+    calibrator = Calibrator().fit(oof[:n_m], oof[n_m:])
+    prior, low, high = calibrator.exposure(probe_scores, reference=(oof[:n_m], oof[n_m:]))
+    probability = calibrator.predict_proba(probe_scores, prior)
+    result = dict(state["summary"], run=run, set=name, probes=len(probe_ids),
+                  probes_in_reference=int((reference_position >= 0).sum()),
+                  exposure={"estimate": prior, "ci": [low, high]},
+                  collection_test=collection_test(probe_scores, oof[n_m:], oof[:n_m]))
+    with open(os.path.join(run, "pairs.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        names = sorted(probes.extra)
+        w.writerow(["id", "score", "probability", "verdict", "paper_score", *names, "label"])
+        for i, pid in enumerate(probe_ids):
+            w.writerow([pid, f"{probe_scores[i]:.6g}", f"{probability[i]:.4f}",
+                        "member" if probability[i] >= 0.5 else "non-member", f"{paper_scores[i]:.6g}",
+                        *[f"{probes.extra[k][i]:.6g}" for k in names], "" if labels[i] is None else labels[i]])
+    data = dict(oof=oof, n_members=n_m, probe_scores=probe_scores, paper_scores=paper_scores, labels=labels,
+                probability=probability, calibrator=calibrator, baselines=probes.extra,
+                paper=GradAudit().fit(state["members"], state["nonmembers"]))
+    return dict(result=result, data=data)
+
+
+def expected_calibration_error(probability, y, bins: int = 10) -> float:
+    """Σ over equal-width probability bins of (bin share) × |mean predicted − observed member share|."""
+    which = np.clip((np.asarray(probability) * bins).astype(int), 0, bins - 1)
+    return float(sum((which == b).mean() * abs(probability[which == b].mean() - y[which == b].mean())
+                     for b in range(bins) if (which == b).any()))
+
+
+def evaluate(scored: dict) -> dict:
+    """Metrics on the set's own labels (all pairs labelled, both classes present), added to the result."""
+    result, data = scored["result"], scored["data"]
+    labels = data["labels"]
+    if any(label is None for label in labels) or len(set(labels)) < 2:
+        raise ValueError(f"set {result['set']!r} needs a 0/1 label on every pair, both classes present, to be evaluated")
+    y = np.array(labels, dtype=bool)
+    evaluated = {"gradaudit": data["probe_scores"], "paper": data["paper_scores"], **data["baselines"]}
+    ev = {k: metrics.summary(v[y], v[~y], n_boot=2000) for k, v in evaluated.items()}
+    best = max(data["baselines"], key=lambda k: ev[k]["auroc"])
+    diff = metrics.paired_auroc_difference(data["probe_scores"][y], data["probe_scores"][~y],
+                                           data["baselines"][best][y], data["baselines"][best][~y], n_boot=2000)
+    ev["gradaudit_minus_best_baseline"] = {"baseline": best, "difference": diff[0], "ci": [diff[1], diff[2]]}
+    ev["balanced_accuracy_at_0.5"] = metrics.balanced_accuracy(data["probability"][y], data["probability"][~y], 0.5)
+    ev["expected_calibration_error"] = expected_calibration_error(data["probability"], y)
+    result["evaluation"] = ev
+    result["true_member_share"] = float(y.mean())
+    data["evaluated"] = evaluated
+    return result
+
+
+def write_outputs(scored: dict) -> str:
+    """metrics.json and report.html of a scored (and possibly evaluated) set; returns the report's path."""
+    from gradaudit.report import write_report
+
+    result = scored["result"]
+    with open(os.path.join(result["run"], "metrics.json"), "w") as f:
+        json.dump(result, f, indent=1, default=float)
+    return write_report(result["run"], result, scored["data"])
 
 
 def run_audit(config_path: str, progress: bool = True) -> dict:
@@ -101,69 +193,11 @@ def run_audit(config_path: str, progress: bool = True) -> dict:
     run_reference(cfg.model, cfg.data["reference_members"], cfg.run, **capture)
     for name in SETS:
         run_extract(cfg.model, cfg.data[name], cfg.run, name, **capture)
-
-    folder = RunFolder(cfg.run)
-    on_error = capture.get("on_error", "stop")
-    member_ids, members, _ = _load_set(folder, "reference_members", cfg.data["reference_members"], on_error)
-    nonmember_ids, nonmembers, _ = _load_set(folder, "reference_nonmembers", cfg.data["reference_nonmembers"],
-                                             on_error)
-    probe_ids, probes, labels = _load_set(folder, "probes", cfg.data["probes"], on_error)
-
-    estimates = cross_validate(members, nonmembers, folds=folds)
-    chosen = choose(estimates, method)
-    n_m = members.num_pairs
-    oof = estimates[chosen].scores
-    position = {pid: i for i, pid in enumerate(member_ids + nonmember_ids)}
-    reference_position = np.array([position.get(pid, -1) for pid in probe_ids])
-    probe_scores = estimates[chosen].score_probes(probes, reference_position)
-    paper_scores = estimates["paper"].score_probes(probes, reference_position)
-    paper = GradAudit().fit(members, nonmembers)  # the paper's mask on all reference pairs, for the report
-
-    calibrator = Calibrator().fit(oof[:n_m], oof[n_m:])
-    prior, low, high = calibrator.exposure(probe_scores, reference=(oof[:n_m], oof[n_m:]))
-    probability = calibrator.predict_proba(probe_scores, prior)
-    test = collection_test(probe_scores, oof[n_m:], oof[:n_m])
-
-    result = {
-        "config": os.path.abspath(config_path), "run": cfg.run, "method": chosen, "requested_method": method,
-        "reference": {"members": n_m, "nonmembers": nonmembers.num_pairs, "folds": folds},
-        "cross_validated": {k: {"auroc": e.auroc, "tpr_at_0.01_fpr": e.tpr_at_1pct, "tpr_at_0.05_fpr": e.tpr_at_5pct}
-                            for k, e in estimates.items()},
-        "cross_validated_baselines": {k: metrics.auroc(members.extra[k], nonmembers.extra[k]) for k in members.extra},
-        "exposure": {"estimate": prior, "ci": [low, high]},
-        "collection_test": test,
-        "mask": {name: {"kept": k, "slices": n} for name, (k, n) in paper.kept_.items()},
-        "probes": len(probe_ids),
-        "probes_in_reference": int((reference_position >= 0).sum()),
-    }
+    scored = score(cfg.run, "probes", state=fit(cfg.run, method, folds))
+    result = scored["result"]
+    labels = scored["data"]["labels"]
     if all(label is not None for label in labels) and len(set(labels)) == 2:
-        y = np.array(labels, dtype=bool)
-        evaluated = {"gradaudit": probe_scores, "paper": paper_scores, **probes.extra}
-        result["evaluation"] = {k: metrics.summary(v[y], v[~y], n_boot=2000) for k, v in evaluated.items()}
-        best_baseline = max(probes.extra, key=lambda k: result["evaluation"][k]["auroc"])
-        diff = metrics.paired_auroc_difference(probe_scores[y], probe_scores[~y], probes.extra[best_baseline][y],
-                                               probes.extra[best_baseline][~y], n_boot=2000)
-        result["evaluation"]["gradaudit_minus_best_baseline"] = {"baseline": best_baseline, "difference": diff[0],
-                                                                 "ci": [diff[1], diff[2]]}
-        result["evaluation"]["balanced_accuracy_at_0.5"] = metrics.balanced_accuracy(
-            probability[y], probability[~y], 0.5)
-        result["true_member_share"] = float(y.mean())
-
-    with open(os.path.join(cfg.run, "pairs.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        names = sorted(probes.extra)
-        w.writerow(["id", "score", "probability", "verdict", "paper_score", *names, "label"])
-        for i, pid in enumerate(probe_ids):
-            w.writerow([pid, f"{probe_scores[i]:.6g}", f"{probability[i]:.4f}",
-                        "member" if probability[i] >= 0.5 else "non-member", f"{paper_scores[i]:.6g}",
-                        *[f"{probes.extra[k][i]:.6g}" for k in names], "" if labels[i] is None else labels[i]])
-    with open(os.path.join(cfg.run, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=1, default=float)
-
-    from gradaudit.report import write_report
-
-    write_report(cfg.run, result, dict(oof=oof, n_members=n_m, probe_scores=probe_scores, labels=labels,
-                                       probability=probability, calibrator=calibrator, paper=paper,
-                                       evaluated=result.get("evaluation") and
-                                       {"gradaudit": probe_scores, "paper": paper_scores, **probes.extra}))
+        evaluate(scored)
+    result["config"] = os.path.abspath(config_path)
+    write_outputs(scored)
     return result

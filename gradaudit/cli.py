@@ -60,6 +60,21 @@ def main(argv=None) -> int:
                        epilog=audit_module.__doc__, formatter_class=fmt)
     p.add_argument("config", help="TOML file: model, run folder, manifests, options")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    steps = ("the steps after capture, one at a time, from a run folder whose sets reference_members, "
+             "reference_nonmembers and the audited set were extracted:\n"
+             "  gradaudit fit --run runs/a1\n  gradaudit score --run runs/a1 --set probes\n"
+             "  gradaudit evaluate --run runs/a1 --set probes\n  gradaudit report --run runs/a1 --set probes")
+    for command, text in (("fit", "cross-validate every variant on the reference sets and choose one"),
+                          ("score", "score a set: scores, probabilities, exposure, collection test (pairs.csv)"),
+                          ("evaluate", "score a labelled set and measure every score on its labels (metrics.json)"),
+                          ("report", "score (and evaluate, if labelled) a set and write report.html")):
+        p = sub.add_parser(command, help=text, epilog=steps, formatter_class=fmt)
+        p.add_argument("--run", required=True, help="run folder")
+        p.add_argument("--method", default="auto", help="auto (default) or a variant: paper, loo, signed, "
+                       "head-cosine, head-lognorm, head-both, combined")
+        p.add_argument("--folds", type=int, default=5)
+        if command != "fit":
+            p.add_argument("--set", dest="name", default="probes", help="the extracted set to score")
     args = ap.parse_args(argv)
 
     from gradaudit import pipeline
@@ -68,6 +83,8 @@ def main(argv=None) -> int:
         if args.command == "layers":
             print(pipeline.selection_table(args.model, args.preset, args.pattern, args.adapter))
             return 0
+        if args.command in ("fit", "score", "evaluate", "report"):
+            return _analysis_step(args, audit_module)
         if args.command == "audit":
             from gradaudit.report import verdict
 
@@ -88,6 +105,29 @@ def main(argv=None) -> int:
     except (ManifestError, ValueError) as exc:
         print(f"gradaudit {args.command}: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _analysis_step(args, audit_module) -> int:
+    from gradaudit.report import verdict
+
+    state = audit_module.fit(args.run, args.method, args.folds)
+    if args.command == "fit":
+        for name, e in sorted(state["summary"]["cross_validated"].items(), key=lambda kv: -kv[1]["auroc"]):
+            print(f"{name:14s} cross-validated AUROC {e['auroc']:.3f}")
+        print(f"chosen: {state['summary']['method']} (written to {args.run}/fit.json)")
+        return 0
+    scored = audit_module.score(args.run, args.name, state=state)
+    labels = scored["data"]["labels"]
+    labelled = all(label is not None for label in labels) and len(set(labels)) == 2
+    if args.command == "evaluate" or (args.command == "report" and labelled):
+        audit_module.evaluate(scored)
+    if args.command == "score":
+        print(f"scores of set '{args.name}': {args.run}/pairs.csv")
+    else:
+        path = audit_module.write_outputs(scored)
+        print(verdict(scored["result"]))
+        print(f"metrics: {args.run}/metrics.json  report: {path}")
     return 0
 
 

@@ -171,7 +171,7 @@ def run_extract(model_dir: str, manifest: str, run: str, name: str, **options) -
     def work(chunk, batch):
         with _autocast(opt):
             result = batch_stats(model, batch, batch_layout(model, batch), targets, refs, backend=opt.backend)
-        folder.save_chunk(name, [p.id for p in chunk], result, ref_sha)
+        folder.save_chunk(name, chunk, result, ref_sha)
 
     _each_batch([p for p in pairs if p.id not in done], len(pairs), name, model, processor, opt, work)
     return folder

@@ -127,9 +127,11 @@ class RunFolder:
             done.update(json.loads(meta["ids"]))
         return done
 
-    def save_chunk(self, name: str, ids: list[str], result: BatchResult, ref_sha: str) -> str:
-        """Stores one batch: per weight "<weight>|<stat>" (B, d); "loss" (B,); "tokens" (N_text, 8) with
-        "token_offsets" (B+1,) (the fields of stats.TOKEN_FIELDS)."""
+    def save_chunk(self, name: str, pairs: list, result: BatchResult, ref_sha: str) -> str:
+        """Stores one batch of ``pairs`` (data.Pair): per weight "<weight>|<stat>" (B, d); "loss" (B,);
+        "tokens" (N_text, 8) with "token_offsets" (B+1,) (the fields of stats.TOKEN_FIELDS); the pairs'
+        ids, texts and labels in the metadata, so that later steps need only the run folder."""
+        ids = [p.id for p in pairs]
         folder = self._stats_dir(name)
         os.makedirs(folder, exist_ok=True)
         index = len(glob.glob(os.path.join(folder, "chunk-*.safetensors")))
@@ -141,9 +143,21 @@ class RunFolder:
                 if value is not None:
                     tensors[f"{target}|{key}"] = value.float().cpu().contiguous()
         path = os.path.join(folder, f"chunk-{index:06d}.safetensors")
-        meta = {"ids": json.dumps(ids), "reference_sha256": ref_sha}
+        meta = {"ids": json.dumps(ids), "reference_sha256": ref_sha, "texts": json.dumps([p.text for p in pairs]),
+                "labels": json.dumps([p.label for p in pairs])}
         _atomic(path, lambda p: save_file(tensors, p, metadata=meta))
         return path
+
+    def pair_info(self, name: str) -> tuple[list[str], list[str], list]:
+        """(ids, texts, labels) of set ``name`` in stored order; a label is None where the manifest had none."""
+        ids, texts, labels = [], [], []
+        for path in sorted(glob.glob(os.path.join(self._stats_dir(name), "chunk-*.safetensors"))):
+            with safe_open(path, "pt") as f:
+                meta = f.metadata()
+            ids += json.loads(meta["ids"])
+            texts += json.loads(meta["texts"])
+            labels += json.loads(meta["labels"])
+        return ids, texts, labels
 
     def load_stats(self, name: str) -> tuple[list[str], dict[str, torch.Tensor]]:
         """All chunks of a set concatenated: ids, and {"<weight>|<stat>", "loss", "tokens": (n, …),

@@ -71,3 +71,26 @@ def test_audit_config_errors(tmp_path, capsys):
     bad.write_text('model = "m"\n[data]\nprobes = "p.jsonl"\n')
     assert main(["audit", str(bad)]) == 2
     assert "missing run, data.reference_members" in capsys.readouterr().err
+
+
+def test_step_commands_from_the_run_folder(audit_dir, capsys):
+    """fit, score, evaluate and report recompute from the run folder alone and agree with one another."""
+    run = audit_dir / "run"
+    if not (run / "stats" / "probes").exists():
+        assert main(["audit", str(audit_dir / "audit.toml"), "--no-progress"]) == 0
+    quick = ["--run", str(run), "--folds", "3"]
+    assert main(["fit", *quick]) == 0
+    chosen = json.loads((run / "fit.json").read_text())["method"]
+    assert f"chosen: {chosen}" in capsys.readouterr().out
+    os.remove(run / "pairs.csv")
+    assert main(["score", *quick, "--set", "probes"]) == 0
+    assert len(list(csv.DictReader(open(run / "pairs.csv")))) == 16
+    assert main(["evaluate", *quick, "--set", "probes"]) == 0
+    evaluated = json.loads((run / "metrics.json").read_text())
+    assert evaluated["method"] == chosen and 0 <= evaluated["evaluation"]["expected_calibration_error"] <= 1
+    assert main(["evaluate", *quick, "--set", "reference_nonmembers"]) == 2  # unlabelled
+    assert "needs a 0/1 label" in capsys.readouterr().err
+    (run / "report.html").unlink()
+    assert main(["report", *quick, "--set", "probes"]) == 0 and (run / "report.html").exists()
+    reported = json.loads((run / "metrics.json").read_text())
+    assert reported["evaluation"]["gradaudit"]["auroc"] == evaluated["evaluation"]["gradaudit"]["auroc"]
