@@ -84,6 +84,11 @@ def load_set(folder: RunFolder, name: str):
     return ids, pairs, labels
 
 
+def _oof_ci(scores: np.ndarray, n_members: int) -> list[float]:
+    _, low, high = metrics.auroc_ci(scores[:n_members], scores[n_members:], n_boot=2000)
+    return [low, high]
+
+
 def fit(run: str, method: str = "auto", folds: int = 5) -> dict:
     """Cross-validates every variant on the run's reference sets and chooses one; writes fit.json.
     Returns the state that scoring needs (estimates, reference sets and their ids)."""
@@ -94,10 +99,15 @@ def fit(run: str, method: str = "auto", folds: int = 5) -> dict:
     nonmember_ids, nonmembers, _ = load_set(folder, "reference_nonmembers")
     estimates = cross_validate(members, nonmembers, folds=folds)
     chosen = choose(estimates, method)
+    with open(os.path.join(run, "fingerprint.json")) as f:
+        recorded = json.load(f)
     summary = {
+        "model": {k: recorded.get(k) for k in ("model", "model_type", "adapter", "config_sha256", "weights_sha256")},
+        "selection": len(recorded["targets"]),
         "method": chosen, "requested_method": method,
         "reference": {"members": members.num_pairs, "nonmembers": nonmembers.num_pairs, "folds": folds},
-        "cross_validated": {k: {"auroc": e.auroc, "tpr_at_0.01_fpr": e.tpr_at_1pct, "tpr_at_0.05_fpr": e.tpr_at_5pct}
+        "cross_validated": {k: {"auroc": e.auroc, "auroc_ci": _oof_ci(e.scores, members.num_pairs),
+                                "tpr_at_0.01_fpr": e.tpr_at_1pct, "tpr_at_0.05_fpr": e.tpr_at_5pct}
                             for k, e in estimates.items()},
         "cross_validated_baselines": {k: metrics.auroc(members.extra[k], nonmembers.extra[k]) for k in members.extra},
     }
@@ -164,6 +174,8 @@ def evaluate(scored: dict) -> dict:
     ev["gradaudit_minus_best_baseline"] = {"baseline": best, "difference": diff[0], "ci": [diff[1], diff[2]]}
     ev["balanced_accuracy_at_0.5"] = metrics.balanced_accuracy(data["probability"][y], data["probability"][~y], 0.5)
     ev["expected_calibration_error"] = expected_calibration_error(data["probability"], y)
+    ev["roc"] = {k: dict(zip(("fpr", "tpr"), (a.tolist() for a in metrics.roc_curve(evaluated[k][y], evaluated[k][~y]))))
+                 for k in ("gradaudit", "paper")}
     result["evaluation"] = ev
     result["true_member_share"] = float(y.mean())
     data["evaluated"] = evaluated

@@ -4,6 +4,7 @@ over members, then per-sample statistics of any set against R."""
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -49,7 +50,9 @@ def _setup(model_dir, run, opt: Options):
     model.train(opt.mode == "train")
     targets = select_targets(model, opt.preset, opt.pattern)
     folder = RunFolder(run)
-    folder.bind(fingerprint(model, targets) | {"mode": opt.mode, "autocast": opt.autocast})
+    folder.bind(fingerprint(model, targets) | {"mode": opt.mode, "autocast": opt.autocast,  # compared
+                                               "model": os.path.abspath(model_dir),  # recorded only
+                                               "model_type": model.config.model_type, "adapter": opt.adapter})
     return model, processor, targets, folder
 
 

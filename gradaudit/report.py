@@ -17,10 +17,14 @@ def _rate(value) -> str:
     return "n/a (too few non-members)" if value is None else f"{value:.3f}"
 
 
-def _strength(auc: float) -> str:
-    if auc < 0.6:
-        return "weak — close to chance (0.5)"
-    if auc < 0.75:
+def _strength(ci_low: float) -> str:
+    """Judged by the lower end of the interval, since the best of several variants on few reference
+    pairs is flattered by chance."""
+    if ci_low < 0.55:
+        return "not distinguishable from chance"
+    if ci_low < 0.65:
+        return "weak"
+    if ci_low < 0.8:
         return "moderate"
     return "strong"
 
@@ -28,7 +32,9 @@ def _strength(auc: float) -> str:
 def verdict(result: dict) -> str:
     """The one-sentence answer, worded so that a weak signal reads as weak."""
     test, exposure = result["collection_test"], result["exposure"]
-    cv = result["cross_validated"][result["method"]]["auroc"]
+    chosen = result["cross_validated"][result["method"]]
+    cv, (low, high) = chosen["auroc"], chosen["auroc_ci"]
+    n_ref = result["reference"]["members"] + result["reference"]["nonmembers"]
     signals = {**{f"gradient method '{k}'": v["auroc"] for k, v in result["cross_validated"].items()},
                **{f"baseline '{k}'": v for k, v in result["cross_validated_baselines"].items()}}
     best = max(signals, key=signals.get)
@@ -37,8 +43,9 @@ def verdict(result: dict) -> str:
             "No evidence that this collection contains training pairs")
     share = f"{100 * exposure['estimate']:.0f}% (95% CI {100 * exposure['ci'][0]:.0f}–{100 * exposure['ci'][1]:.0f}%)"
     return (f"{lead} (one-sided test p = {test['p_value']:.2g}); estimated share of training pairs {share}. "
-            f"The signal on this model is {_strength(cv)}: the chosen method separates known members from "
-            f"non-members with AUROC {cv:.2f}; the strongest signal was the {best} ({signals[best]:.2f}).")
+            f"The signal on this model is {_strength(low)}: the chosen method separates known members from "
+            f"non-members with AUROC {cv:.2f} (95% CI {low:.2f}–{high:.2f}, {n_ref} reference pairs; 0.5 = chance); "
+            f"the strongest signal was the {best} ({signals[best]:.2f}).")
 
 
 def _figure(draw, path: str) -> str:
@@ -145,7 +152,7 @@ def write_report(run: str, result: dict, data: dict) -> str:
 
         figures.append(("Reliability of the probabilities", _figure(reliability, os.path.join(figdir, "reliability.png"))))
 
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v['auroc']:.3f}</td></tr>"
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v['auroc']:.3f} [{v['auroc_ci'][0]:.2f}, {v['auroc_ci'][1]:.2f}]</td></tr>"
                    for k, v in sorted(result["cross_validated"].items(), key=lambda kv: -kv[1]["auroc"]))
     rows += "".join(f"<tr class=b><td>baseline: {html.escape(k)}</td><td>{v:.3f}</td></tr>"
                     for k, v in sorted(result["cross_validated_baselines"].items(), key=lambda kv: -kv[1]))
@@ -168,11 +175,14 @@ body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#22
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px}}tr.b td{{color:#666}}img{{max-width:100%}}
 </style></head><body><h1>GradAudit report</h1>
 <p class="verdict">{html.escape(verdict(result))}</p>
-<p>Audited: {result['probes']} pairs against a model's gradients, with {result['reference']['members']} known
-training pairs and {result['reference']['nonmembers']} known non-training pairs as reference. Method:
+<p>Audited: {result['probes']} image–text pairs (set “{html.escape(result['set'])}”) against the gradients of the
+{html.escape(str(result['model']['model_type']))} model {html.escape(str(result['model']['model']))}
+{'with adapter ' + html.escape(str(result['model']['adapter'])) + ' ' if result['model']['adapter'] else ''}({result['selection']}
+weight matrices), with {result['reference']['members']} known training pairs and
+{result['reference']['nonmembers']} known non-training pairs as reference. Method:
 <b>{html.escape(result['method'])}</b> (chosen by {result['reference']['folds']}-fold cross-validation on the
 reference pairs only). Run folder: {html.escape(run)}.</p>
-<h2>How well each signal separates known members (cross-validated)</h2><table><tr><th>signal</th><th>AUROC</th></tr>{rows}</table>
+<h2>How well each signal separates known members (cross-validated)</h2><table><tr><th>signal</th><th>AUROC [95% CI]</th></tr>{rows}</table>
 {evaluation}{images}</body></html>"""
     path = os.path.join(run, "report.html")
     with open(path, "w") as f:

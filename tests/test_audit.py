@@ -58,6 +58,7 @@ def test_audit_writes_what_an_auditor_reads(audit_dir, capsys):
     ev = m["evaluation"]
     assert 0 <= ev["gradaudit"]["auroc"] <= 1 and ev["gradaudit"]["tpr_at_0.01_fpr"] is None  # 10 negatives
     assert m["true_member_share"] == pytest.approx(6 / 16)
+    assert ev["roc"]["gradaudit"]["fpr"][0] == 0 and ev["roc"]["gradaudit"]["tpr"][-1] == 1
     rows = list(csv.DictReader(open(run / "pairs.csv")))
     assert len(rows) == 16 and {r["verdict"] for r in rows} <= {"member", "non-member"}
     assert all(0 <= float(r["probability"]) <= 1 for r in rows) and "min_k_plus_plus" in rows[0]
@@ -94,3 +95,17 @@ def test_step_commands_from_the_run_folder(audit_dir, capsys):
     assert main(["report", *quick, "--set", "probes"]) == 0 and (run / "report.html").exists()
     reported = json.loads((run / "metrics.json").read_text())
     assert reported["evaluation"]["gradaudit"]["auroc"] == evaluated["evaluation"]["gradaudit"]["auroc"]
+
+
+def test_verdict_reads_weak_when_the_interval_is_wide():
+    from gradaudit.report import verdict
+
+    result = {"collection_test": {"p_value": 0.3}, "exposure": {"estimate": 0.2, "ci": [0.0, 0.9]}, "method": "loo",
+              "reference": {"members": 12, "nonmembers": 12},
+              "cross_validated": {"loo": {"auroc": 0.79, "auroc_ci": [0.52, 0.97]}},
+              "cross_validated_baselines": {"loss": 0.55}}
+    text = verdict(result)
+    assert "No evidence" in text and "not distinguishable from chance" in text and "0.52–0.97" in text
+    result["cross_validated"]["loo"]["auroc_ci"] = [0.85, 0.95]
+    result["collection_test"]["p_value"] = 0.001
+    assert "Evidence that" in verdict(result) and "strong" in verdict(result)
