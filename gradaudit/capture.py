@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from gradaudit.ops import slice_stats
-from gradaudit.stats import TOKEN_FIELDS, SliceStats
+from gradaudit.stats import SliceStats
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,8 @@ def token_quantities(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
 
     For each position predicting a label ≠ -100: the label's log-probability; the mean and standard
     deviation of log p under p (Min-K%++); Rényi entropies of p at α = 0.5, 1, 2, ∞; the top-1 − top-2
-    log-probability gap. Returns (values (N_text, 8) float32 in :data:`TOKEN_FIELDS` order, offsets (B+1,)
-    int64 on the CPU), samples in batch order.
+    log-probability gap. Returns (values (N_text, 8) float32 in the order of gradaudit.stats.TOKEN_FIELDS,
+    offsets (B+1,) int64 on the CPU), samples in batch order.
     """
     logits = logits[:, :-1].float()
     target = labels[:, 1:]
