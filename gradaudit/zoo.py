@@ -16,7 +16,7 @@ from gradaudit.data import Pair
 from gradaudit.models import encode_pairs
 
 SIZES = {  # width, blocks, image size, patch: tiny trains on a 2-core CPU in minutes; small (~25M) on a GPU
-    "tiny": dict(width=64, blocks=2, image=32, patch=8, vocab=512),
+    "tiny": dict(width=96, blocks=3, image=32, patch=8, vocab=512),
     "small": dict(width=384, blocks=6, image=64, patch=8, vocab=4096),
 }
 
