@@ -9,10 +9,10 @@ membership separates them. Data and trained models are cached under the output f
 
     python -m gradaudit.demo [--out demo]
 
-Not yet part of the README: on its first run (2026-11-26) the logistic heads over slice cosines
-scored 1.00 out-of-fold on the reference pairs but 0.72 on the probes, so the cross-validated choice and
-the verdict's strength are not yet trustworthy for them (the closing note of that session has the
-figures); the recipes are not final either.
+Not yet ``make demo``: its recipes were not yet chosen by held-out loss against alternatives, the
+shuffled-pair test and the stage-time budget are missing. Its first run (2026-11-26) showed that scoring
+reference members leave-one-out against the R they built is optimistic (cosine heads 1.00 out-of-fold
+against 0.72 on probes), which is why the audit now splits the reference members by default.
 """
 
 from __future__ import annotations
