@@ -109,3 +109,17 @@ def test_verdict_reads_weak_when_the_interval_is_wide():
     result["cross_validated"]["loo"]["auroc_ci"] = [0.85, 0.95]
     result["collection_test"]["p_value"] = 0.001
     assert "Evidence that" in verdict(result) and "strong" in verdict(result)
+
+
+def test_leave_one_out_protocol_remains_an_option(audit_dir):
+    """split_reference = false: every reference member builds R and is scored leave-one-out."""
+    config = audit_dir / "audit_loo.toml"
+    config.write_text((audit_dir / "audit.toml").read_text().replace('run = "run"', 'run = "run_loo"')
+                      + "split_reference = false\nmethod = \"loo\"\n")
+    assert main(["audit", str(config), "--no-progress"]) == 0
+    m = json.loads((audit_dir / "run_loo" / "metrics.json").read_text())
+    assert m["reference"]["members"] == 12 and m["reference"]["members_in_r"] == 12 and m["method"] == "loo"
+    if not (audit_dir / "run" / "metrics.json").exists():
+        assert main(["audit", str(audit_dir / "audit.toml"), "--no-progress"]) == 0
+    split = json.loads((audit_dir / "run" / "metrics.json").read_text())
+    assert split["reference"]["members_in_r"] == 0 and split["reference"]["r_builders"] == 6
