@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gradaudit import slice_stats  # noqa: E402
+from baseline_routes import gram_norms, reduce_materialised  # noqa: E402
 
 
 def _median_s(routes, repeats):
@@ -42,28 +43,16 @@ def _median_s(routes, repeats):
 def _routes(x, g, off, ref, n_samples, n_tok):
     xp, gp = x.view(n_samples, n_tok, -1), g.view(n_samples, n_tok, -1)
 
-    def reduce(grads):
-        sq = grads * grads
-        out = [sq.sum(2), sq.sum(1)]
-        if ref is not None:
-            gr = grads * ref
-            out += [gr.sum(2), gr.sum(1)]
-        return out
-
-    def gram():
-        k, p = torch.bmm(xp, xp.transpose(1, 2)), torch.bmm(gp, gp.transpose(1, 2))
-        return [(torch.bmm(k, gp) * gp).sum(1), (torch.bmm(p, xp) * xp).sum(1)]
-
     def proj_gram():
-        return gram() + [((x @ ref.T) * g).view(n_samples, n_tok, -1).sum(1),
-                         ((g @ ref) * x).view(n_samples, n_tok, -1).sum(1)]
+        return gram_norms(xp, gp) + [((x @ ref.T) * g).view(n_samples, n_tok, -1).sum(1),
+                                     ((g @ ref) * x).view(n_samples, n_tok, -1).sum(1)]
 
     routes = {
         "cpp": lambda: slice_stats(x, g, off, ref, backend="cpp"),
         "torch": lambda: slice_stats(x, g, off, ref, backend="torch"),
-        "bmm": lambda: reduce(torch.bmm(gp.transpose(1, 2), xp)),
+        "bmm": lambda: reduce_materialised(torch.bmm(gp.transpose(1, 2), xp), ref),
     }
-    routes["proj_gram" if ref is not None else "gram"] = proj_gram if ref is not None else gram
+    routes["proj_gram" if ref is not None else "gram"] = proj_gram if ref is not None else (lambda: gram_norms(xp, gp))
     return routes
 
 

@@ -34,25 +34,9 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gradaudit import gram_is_cheaper, slice_stats  # noqa: E402
 from gradaudit.ops import GRAM_SLOWDOWN  # noqa: E402
+from baseline_routes import gram_norms, reduce_materialised  # noqa: E402
 
 SHAPES = ["1024x1024", "1024x4096", "4096x4096", "4096x11008", "11008x4096"]  # d_in x d_out
-
-
-def _reduce(grads, ref):
-    """Row/column statistics of materialised per-sample gradients (B, d_out, d_in)."""
-    gf = grads.float()
-    sq = gf * gf
-    out = [sq.sum(2), sq.sum(1)]
-    if ref is not None:
-        gr = gf * ref
-        out += [gr.sum(2), gr.sum(1)]
-    return out
-
-
-def _gram_norms(xp, gp):
-    k = torch.bmm(xp, xp.transpose(1, 2))
-    p = torch.bmm(gp, gp.transpose(1, 2))
-    return [(torch.bmm(k, gp).float() * gp.float()).sum(1), (torch.bmm(p, xp).float() * xp.float()).sum(1)]
 
 
 def _methods(x, g, off, ref, n_samples, n_tok):
@@ -69,14 +53,14 @@ def _methods(x, g, off, ref, n_samples, n_tok):
     def proj_gram():
         xr = (x @ ref16.T).float() * g.float()
         dr = (g @ ref16).float() * x.float()
-        return _gram_norms(xp, gp) + [xr.view(n_samples, n_tok, -1).sum(1), dr.view(n_samples, n_tok, -1).sum(1)]
+        return gram_norms(xp, gp) + [xr.view(n_samples, n_tok, -1).sum(1), dr.view(n_samples, n_tok, -1).sum(1)]
 
     methods = {
         "ours": lambda: slice_stats(x, g, off, ref, backend="triton"),
-        "bmm": lambda: _reduce(torch.bmm(gp.transpose(1, 2), xp), ref),
-        "gram": lambda: _gram_norms(xp, gp),
-        "vmap": lambda: _reduce(per_sample_grad(weight, xp, gp), ref),
-        "einsum": lambda: _reduce(torch.einsum("bti,btj->bij", gp, xp), ref),
+        "bmm": lambda: reduce_materialised(torch.bmm(gp.transpose(1, 2), xp), ref),
+        "gram": lambda: gram_norms(xp, gp),
+        "vmap": lambda: reduce_materialised(per_sample_grad(weight, xp, gp), ref),
+        "einsum": lambda: reduce_materialised(torch.einsum("bti,btj->bij", gp, xp), ref),
     }
     if ref is not None:
         methods["proj_gram"] = proj_gram

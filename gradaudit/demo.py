@@ -7,7 +7,7 @@ have seen before, as a pretrained model has), then LoRA-fine-tuned on the member
 same generator. Non-members are drawn from that generator too (the i.i.d. protocol): nothing but
 membership separates them. Data and trained models are cached under the output folder.
 
-    python -m gradaudit.demo [--out demo]
+    python -m gradaudit.demo [--out demo] [--leave-one-out]
 
 Not yet ``make demo``: its recipes were not yet chosen by held-out loss against alternatives, the
 shuffled-pair test and the stage-time budget are missing. Its first run (2026-11-26) showed that scoring
@@ -108,6 +108,9 @@ def train_models(root: str, data: dict, log=print) -> tuple[str, str, dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo")
+    ap.add_argument("--leave-one-out", action="store_true",
+                    help="DESIGN.md's protocol: every reference member builds R and is scored leave-one-out "
+                         "(split_reference = false); it reads optimistic, see the module's text")
     args = ap.parse_args(argv)
     times = {}
     t = time.time()
@@ -123,9 +126,11 @@ def main(argv=None) -> int:
     config = os.path.join(args.out, "audit.toml")
     with open(config, "w") as f:
         f.write(f'model = "{os.path.abspath(base)}"\nadapter = "{os.path.abspath(adapter)}"\n'
-                f'run = "{os.path.abspath(os.path.join(args.out, "run"))}"\npreset = "paper"\n[data]\n'
+                f'run = "{os.path.abspath(os.path.join(args.out, "run_loo" if args.leave_one_out else "run"))}"\n'
+                f'preset = "paper"\n[data]\n'
                 + "".join(f'{k} = "{os.path.abspath(data[k])}"\n' for k in ("reference_members", "reference_nonmembers", "probes"))
-                + "[options]\nbatch_size = 16\n")
+                + "[options]\nbatch_size = 16\n"
+                + ("split_reference = false\n" if args.leave_one_out else ""))
     t = time.time()
     from gradaudit.audit import run_audit
     from gradaudit.report import verdict
