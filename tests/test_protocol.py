@@ -69,3 +69,21 @@ def test_too_few_pairs():
     members, nonmembers = _reference(signal=0.5, n=4)
     with pytest.raises(ValueError, match="at least 5 members"):
         cross_validate(members, nonmembers)
+
+
+def test_row_space_coordinates_give_the_same_l2_logistic_fit():
+    """p ≫ n: the penalised fit on the row-space coordinates equals the fit on the raw features."""
+    from sklearn.linear_model import LogisticRegression
+
+    from gradaudit.protocol import RowSpace
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 400)), np.r_[np.ones(15), np.zeros(15)]
+    x[:15, :5] += 0.8
+    fresh = rng.normal(size=(10, 400))
+    raw = LogisticRegression(C=0.1, tol=1e-12, max_iter=10_000).fit(x, y)
+    rs = RowSpace().fit(x)
+    reduced = LogisticRegression(C=0.1, tol=1e-12, max_iter=10_000).fit(rs.transform(x), y)
+    np.testing.assert_allclose(reduced.decision_function(rs.transform(fresh)), raw.decision_function(fresh),
+                               rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(rs.components_ @ reduced.coef_.ravel(), raw.coef_.ravel(), rtol=1e-6, atol=1e-9)
