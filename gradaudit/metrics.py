@@ -105,8 +105,31 @@ def paired_auroc_difference(pos_a, neg_a, pos_b, neg_b, n_boot: int = 10_000, le
             float(np.quantile(diff, 1 - half)))
 
 
+def tpr_at_fpr_ci(pos, neg, fpr: float, n_boot: int = 10_000, level: float = 0.95,
+                  seed: int = 0) -> tuple[float, float, float] | None:
+    """TPR at ``fpr`` with its stratified-bootstrap percentile interval (the threshold re-read from each
+    resample's non-members): (tpr, low, high), or None where :func:`tpr_at_fpr` gives None."""
+    value = tpr_at_fpr(pos, neg, fpr)
+    if value is None:
+        return None
+    pos, neg = _as_1d("pos", pos), _as_1d("neg", neg)
+    rng = np.random.default_rng(seed)
+    allowed = int(np.floor(fpr * neg.size))
+    resampled_neg = neg[rng.integers(0, neg.size, size=(n_boot, neg.size))]
+    threshold = -np.partition(-resampled_neg, allowed, axis=1)[:, allowed]  # the (allowed+1)-th largest
+    resampled_pos = pos[rng.integers(0, pos.size, size=(n_boot, pos.size))]
+    boots = (resampled_pos > threshold[:, None]).mean(axis=1)
+    half = (1 - level) / 2
+    return value, float(np.quantile(boots, half)), float(np.quantile(boots, 1 - half))
+
+
 def summary(pos, neg, n_boot: int = 10_000, seed: int = 0) -> dict:
-    """AUROC with its interval and TPR at each of :data:`FPRS` (None where the negatives do not suffice)."""
+    """AUROC and TPR at each of :data:`FPRS`, each with its bootstrap interval (TPR None where the
+    negatives do not suffice)."""
     value, low, high = auroc_ci(pos, neg, n_boot, seed=seed)
-    return {"auroc": value, "auroc_ci": [low, high], "n_members": int(np.size(pos)), "n_nonmembers": int(np.size(neg)),
-            **{f"tpr_at_{f:g}_fpr": tpr_at_fpr(pos, neg, f) for f in FPRS}}
+    out = {"auroc": value, "auroc_ci": [low, high], "n_members": int(np.size(pos)), "n_nonmembers": int(np.size(neg))}
+    for f in FPRS:
+        tpr = tpr_at_fpr_ci(pos, neg, f, n_boot, seed=seed)
+        out[f"tpr_at_{f:g}_fpr"] = None if tpr is None else tpr[0]
+        out[f"tpr_at_{f:g}_fpr_ci"] = None if tpr is None else [tpr[1], tpr[2]]
+    return out

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gradaudit.metrics import (auroc, auroc_ci, balanced_accuracy, paired_auroc_difference, roc_curve, summary,
-                               tpr_at_fpr)
+                               tpr_at_fpr, tpr_at_fpr_ci)
 
 
 def _brute_auroc(pos, neg):
@@ -67,6 +67,20 @@ def test_paired_difference_sees_a_small_real_gain():
     assert diff == 0 and low == high == 0
     with pytest.raises(ValueError, match="same probes"):
         paired_auroc_difference(base_pos[:5], base_neg, base_pos, base_neg)
+
+
+def test_tpr_interval_agrees_with_a_plain_loop_and_covers_the_truth():
+    rng = np.random.default_rng(4)
+    pos, neg = rng.normal(2.0, 1, 600), rng.normal(0.0, 1, 1000)
+    value, low, high = tpr_at_fpr_ci(pos, neg, 0.01, n_boot=400, seed=5)
+    assert value == tpr_at_fpr(pos, neg, 0.01) and low < value < high
+    truth = 1 - 0.5 * (1 + np.vectorize(__import__("math").erf)((2.326 - 2.0) / np.sqrt(2)))  # Φ(2 − z_0.99)
+    assert low < truth < high
+    r = np.random.default_rng(5)  # the same resamples, drawn in the same order, one at a time
+    ineg, ipos = r.integers(0, 1000, (400, 1000)), r.integers(0, 600, (400, 600))
+    loop = [tpr_at_fpr(pos[ipos[b]], neg[ineg[b]], 0.01) for b in range(400)]
+    assert (low, high) == pytest.approx((np.quantile(loop, 0.025), np.quantile(loop, 0.975)))
+    assert tpr_at_fpr_ci(pos, neg[:999], 0.01) is None
 
 
 def test_summary_and_bad_input():
