@@ -14,6 +14,8 @@ capture passes continue in the run folder; the rest is recomputed from it in sec
     method = "auto"                   # or paper, loo, signed, head-cosine, head-lognorm, head-both, combined
     split_reference = true            # half the reference members build R, the other half fit the
                                       # method (scored as probes are); false: all build R, scored LOO
+    association_test = false          # also score the probes labelled members (all, if unlabelled)
+                                      # against their images with other probes' texts
     batch_size = 8
     device = "cpu"
     on_error = "stop"                 # or "skip"
@@ -34,13 +36,14 @@ import numpy as np
 from gradaudit import metrics
 from gradaudit.baselines import all_baselines
 from gradaudit.calibration import Calibrator, collection_test
-from gradaudit.data import read_manifest
+from gradaudit.data import read_manifest, shuffled_texts, write_pairs
 from gradaudit.method import GradAudit
 from gradaudit.pipeline import Options, run_extract, run_reference
 from gradaudit.protocol import VARIANTS, choose, cross_validate
 from gradaudit.runfolder import RunFolder
 
 SETS = ("reference_members", "reference_nonmembers", "probes")
+SHUFFLED = "~shuffled"  # id suffix of the association test's negatives
 
 
 @dataclass
@@ -92,15 +95,17 @@ def _oof_ci(scores: np.ndarray, n_members: int) -> list[float]:
     return [low, high]
 
 
-def fit(run: str, method: str = "auto", folds: int = 5) -> dict:
-    """Cross-validates every variant on the run's reference sets and chooses one; writes fit.json.
-    Returns the state that scoring needs (estimates, reference sets and their ids)."""
+def fit_sets(run: str, members_set: str = "reference_members", nonmembers_set: str = "reference_nonmembers",
+             method: str = "auto", folds: int = 5, seed: int = 0) -> dict:
+    """Cross-validates every variant on two stored sets of the run (known members, known non-members)
+    and chooses one. Returns the state that scoring needs: "summary" (what fit.json holds),
+    "estimates", "members", "nonmembers" and "reference_ids" (members first)."""
     if method != "auto" and method not in VARIANTS:
         raise ValueError(f"method must be 'auto' or one of {sorted(VARIANTS)}; got {method!r}")
     folder = RunFolder(run)
-    member_ids, members, _ = load_set(folder, "reference_members")
-    nonmember_ids, nonmembers, _ = load_set(folder, "reference_nonmembers")
-    estimates = cross_validate(members, nonmembers, folds=folds)
+    member_ids, members, _ = load_set(folder, members_set)
+    nonmember_ids, nonmembers, _ = load_set(folder, nonmembers_set)
+    estimates = cross_validate(members, nonmembers, folds=folds, seed=seed)
     chosen = choose(estimates, method)
     with open(os.path.join(run, "fingerprint.json")) as f:
         recorded = json.load(f)
@@ -115,10 +120,29 @@ def fit(run: str, method: str = "auto", folds: int = 5) -> dict:
                             for k, e in estimates.items()},
         "cross_validated_baselines": {k: metrics.auroc(members.extra[k], nonmembers.extra[k]) for k in members.extra},
     }
-    with open(os.path.join(run, "fit.json"), "w") as f:
-        json.dump(summary, f, indent=1)
     return dict(summary=summary, estimates=estimates, members=members, nonmembers=nonmembers,
                 reference_ids=member_ids + nonmember_ids)
+
+
+def fit(run: str, method: str = "auto", folds: int = 5) -> dict:
+    """:func:`fit_sets` on the run's reference sets; writes fit.json."""
+    state = fit_sets(run, method=method, folds=folds)
+    with open(os.path.join(run, "fit.json"), "w") as f:
+        json.dump(state["summary"], f, indent=1)
+    return state
+
+
+def score_set(run: str, name: str, state: dict) -> dict:
+    """Every score of stored set ``name`` on the footing of the fit's out-of-fold scores: {"ids", "labels",
+    "reference_position" (index among the reference pairs, or -1), "scores": {"gradaudit" (the chosen
+    variant), "paper", each baseline}}."""
+    probe_ids, probes, labels = load_set(RunFolder(run), name)
+    estimates = state["estimates"]
+    position = {pid: i for i, pid in enumerate(state["reference_ids"])}
+    reference_position = np.array([position.get(pid, -1) for pid in probe_ids])
+    scores = {"gradaudit": estimates[state["summary"]["method"]].score_probes(probes, reference_position),
+              "paper": estimates["paper"].score_probes(probes, reference_position), **probes.extra}
+    return dict(ids=probe_ids, labels=labels, reference_position=reference_position, scores=scores)
 
 
 def score(run: str, name: str = "probes", method: str = "auto", folds: int = 5, state: dict | None = None) -> dict:
@@ -126,32 +150,29 @@ def score(run: str, name: str = "probes", method: str = "auto", folds: int = 5, 
     scores, calibrated probabilities at the set's own prior, exposure, the collection test; writes
     pairs.csv (per pair) and returns everything the evaluation and the report read."""
     state = state or fit(run, method, folds)
-    folder = RunFolder(run)
-    probe_ids, probes, labels = load_set(folder, name)
-    estimates, n_m = state["estimates"], state["members"].num_pairs
-    chosen = state["summary"]["method"]
-    oof = estimates[chosen].scores
-    position = {pid: i for i, pid in enumerate(state["reference_ids"])}
-    reference_position = np.array([position.get(pid, -1) for pid in probe_ids])
-    probe_scores = estimates[chosen].score_probes(probes, reference_position)
-    paper_scores = estimates["paper"].score_probes(probes, reference_position)
+    scored = score_set(run, name, state)
+    probe_ids, labels, scores = scored["ids"], scored["labels"], scored["scores"]
+    probe_scores, paper_scores = scores["gradaudit"], scores["paper"]
+    baselines = {k: v for k, v in scores.items() if k not in ("gradaudit", "paper")}
+    n_m = state["members"].num_pairs
+    oof = state["estimates"][state["summary"]["method"]].scores
     calibrator = Calibrator().fit(oof[:n_m], oof[n_m:])
     prior, low, high = calibrator.exposure(probe_scores, reference=(oof[:n_m], oof[n_m:]))
     probability = calibrator.predict_proba(probe_scores, prior)
     result = dict(state["summary"], run=run, set=name, probes=len(probe_ids),
-                  probes_in_reference=int((reference_position >= 0).sum()),
+                  probes_in_reference=int((scored["reference_position"] >= 0).sum()),
                   exposure={"estimate": prior, "ci": [low, high]},
                   collection_test=collection_test(probe_scores, oof[n_m:], oof[:n_m]))
     with open(os.path.join(run, "pairs.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        names = sorted(probes.extra)
+        names = sorted(baselines)
         w.writerow(["id", "score", "probability", "verdict", "paper_score", *names, "label"])
         for i, pid in enumerate(probe_ids):
             w.writerow([pid, f"{probe_scores[i]:.6g}", f"{probability[i]:.4f}",
                         "member" if probability[i] >= 0.5 else "non-member", f"{paper_scores[i]:.6g}",
-                        *[f"{probes.extra[k][i]:.6g}" for k in names], "" if labels[i] is None else labels[i]])
+                        *[f"{baselines[k][i]:.6g}" for k in names], "" if labels[i] is None else labels[i]])
     data = dict(oof=oof, n_members=n_m, probe_scores=probe_scores, paper_scores=paper_scores, labels=labels,
-                probability=probability, calibrator=calibrator, baselines=probes.extra,
+                probability=probability, calibrator=calibrator, baselines=baselines, scored=scored,
                 paper=GradAudit().fit(state["members"], state["nonmembers"]))
     return dict(result=result, data=data)
 
@@ -196,7 +217,7 @@ def write_outputs(scored: dict) -> str:
     return write_report(result["run"], result, scored["data"])
 
 
-def _split_members(manifest: str, run: str, on_error: str) -> tuple[str, str]:
+def split_members(manifest: str, run: str, on_error: str) -> tuple[str, str]:
     """Alternate lines of the reference members: the first half builds R, the second is scored against
     it exactly as a member probe is (never in R). Scoring reference members leave-one-out instead was
     measured optimistic for the logistic heads (1.00 out-of-fold against 0.72 on probes)."""
@@ -204,15 +225,31 @@ def _split_members(manifest: str, run: str, on_error: str) -> tuple[str, str]:
     if len(pairs) < 4:
         raise ValueError(f"{manifest}: splitting the reference members needs at least 4 pairs; got {len(pairs)}")
     folder = os.path.join(run, "split")
-    os.makedirs(folder, exist_ok=True)
-    out = []
-    for name, part in (("r_builders", pairs[0::2]), ("fit_members", pairs[1::2])):
-        path = os.path.join(folder, f"{name}.jsonl")
-        with open(path, "w") as f:
-            for p in part:  # image paths absolute: the manifest moved
-                f.write(json.dumps({"id": p.id, "image": p.image, "prompt": p.prompt, "text": p.text}) + "\n")
-        out.append(path)
-    return out[0], out[1]
+    return (write_pairs(os.path.join(folder, "r_builders.jsonl"), pairs[0::2]),
+            write_pairs(os.path.join(folder, "fit_members.jsonl"), pairs[1::2]))
+
+
+def association_manifest(probes: str, run: str, on_error: str) -> str:
+    """The association test's negatives: the audited pairs labelled members (all of them when unlabelled),
+    each image with another of those pairs' texts."""
+    pairs = read_manifest(probes, on_error)[0]
+    correct = [p for p in pairs if p.label == 1] or [p for p in pairs if p.label is None]
+    if len(correct) < 2:
+        raise ValueError(f"{probes}: association_test needs at least 2 probes labelled 1 (or unlabelled)")
+    return write_pairs(os.path.join(run, "split", "shuffled.jsonl"), correct, texts=shuffled_texts(correct),
+                       id_suffix=SHUFFLED)
+
+
+def association(run: str, state: dict, scored: dict) -> dict:
+    """Correct pairs (the probes labelled members, or all probes when unlabelled) against the same images
+    with other of those pairs' texts (set "shuffled"): AUROC with its interval for GradAudit's chosen
+    score, the paper's and every baseline. It shows whether a score ties a text to its image; it does not
+    show membership (both sides hold training images and training texts)."""
+    shuffled = score_set(run, "shuffled", state)
+    position = {pid: i for i, pid in enumerate(scored["ids"])}
+    correct = np.array([position[pid[:-len(SHUFFLED)]] for pid in shuffled["ids"]])
+    out = {k: metrics.summary(v[correct], shuffled["scores"][k], n_boot=2000) for k, v in scored["scores"].items()}
+    return dict(pairs=len(correct), scores=out)
 
 
 def run_audit(config_path: str, progress: bool = True) -> dict:
@@ -224,17 +261,23 @@ def run_audit(config_path: str, progress: bool = True) -> dict:
     if method != "auto" and method not in VARIANTS:
         raise ValueError(f"options.method must be 'auto' or one of {sorted(VARIANTS)}; got {method!r}")
     split = bool(opts.pop("split_reference", True))
+    with_association = bool(opts.pop("association_test", False))
     capture = dict(adapter=cfg.adapter, preset=cfg.preset, pattern=cfg.pattern, progress=progress, **opts)
     Options(**capture)  # checks the option names and values before any work
     manifests = dict(cfg.data)
     if split:
-        manifests["builders"], manifests["reference_members"] = _split_members(
+        manifests["builders"], manifests["reference_members"] = split_members(
             cfg.data["reference_members"], cfg.run, capture.get("on_error", "stop"))
     run_reference(cfg.model, manifests["builders" if split else "reference_members"], cfg.run, **capture)
-    for name in SETS:
+    if with_association:
+        manifests["shuffled"] = association_manifest(cfg.data["probes"], cfg.run, capture.get("on_error", "stop"))
+    for name in SETS + (("shuffled",) if with_association else ()):
         run_extract(cfg.model, manifests[name], cfg.run, name, **capture)
-    scored = score(cfg.run, "probes", state=fit(cfg.run, method, folds))
+    state = fit(cfg.run, method, folds)
+    scored = score(cfg.run, "probes", state=state)
     result = scored["result"]
+    if with_association:
+        result["association"] = association(cfg.run, state, scored["data"]["scored"])
     labels = scored["data"]["labels"]
     if all(label is not None for label in labels) and len(set(labels)) == 2:
         evaluate(scored)

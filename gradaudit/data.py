@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
+import numpy as np
 from PIL import Image
 
 DEFAULT_PROMPT = "Describe the image."
@@ -126,3 +127,29 @@ def batches_by_length(pairs: list[Pair], batch_size: int, length=lambda p: len(p
     order = sorted(range(len(pairs)), key=lambda i: (length(pairs[i]), i))
     for start in range(0, len(order), batch_size):
         yield [pairs[i] for i in sorted(order[start : start + batch_size])]
+
+
+def write_pairs(path: str, pairs: list[Pair], labels: list[int] | None = None, texts: list[str] | None = None,
+                id_suffix: str = "") -> str:
+    """Writes ``pairs`` as a manifest (absolute image paths, so it can live anywhere), optionally with
+    labels, replaced texts and a suffix on every id; returns ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i, p in enumerate(pairs):
+            rec = {"id": p.id + id_suffix, "image": p.image, "prompt": p.prompt,
+                   "text": p.text if texts is None else texts[i]}
+            if labels is not None:
+                rec["label"] = labels[i]
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+def shuffled_texts(pairs: list[Pair], seed: int = 0) -> list[str]:
+    """Each pair's text replaced by another pair's (a random cyclic derangement): the association test's
+    negatives — the same images with texts of the same collection, only not their own."""
+    if len(pairs) < 2:
+        raise ValueError("shuffling texts needs at least 2 pairs")
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    source = np.empty(len(pairs), dtype=int)
+    source[order] = np.roll(order, -1)  # along a random cycle every pair takes the next one's text
+    return [pairs[j].text for j in source]

@@ -66,6 +66,21 @@ class SliceSet:
                         n_ref=self.n_ref, in_ref=self.in_ref[index],
                         extra={k: np.asarray(v)[index] for k, v in self.extra.items()})
 
+    @staticmethod
+    def concat(a: SliceSet, b: SliceSet) -> SliceSet:
+        """The pairs of ``a`` then those of ``b`` (statistics against the same R)."""
+        if a.weights != b.weights or a.n_ref != b.n_ref or any(
+                not np.array_equal(x[w], y[w]) for x, y in ((a.ref_row_sq, b.ref_row_sq), (a.ref_col_sq, b.ref_col_sq))
+                for w in a.weights):
+            raise ValueError("only slice sets scored against the same R can be joined")
+        if set(a.extra) != set(b.extra):
+            raise ValueError("joined slice sets need the same extra scores")
+        join = {k: {w: np.concatenate([getattr(a, k)[w], getattr(b, k)[w]]) for w in a.weights}
+                for k in ("row_dot", "row_sq", "col_dot", "col_sq")}
+        return SliceSet(a.weights, **join, ref_row_sq=a.ref_row_sq, ref_col_sq=a.ref_col_sq, n_ref=a.n_ref,
+                        in_ref=np.concatenate([a.in_ref, b.in_ref]),
+                        extra={k: np.concatenate([a.extra[k], b.extra[k]]) for k in a.extra})
+
     def groups(self) -> tuple[np.ndarray, list[str]]:
         """(K,) group index of every slice column of :meth:`cosines`, and the group names
         ("<weight>:rows", "<weight>:cols"): masks are chosen per group."""

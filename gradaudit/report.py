@@ -168,6 +168,14 @@ def write_report(run: str, result: dict, data: dict) -> str:
                       f"<th>TPR at 1% FPR</th></tr>{lines}</table><p>GradAudit − best baseline ({html.escape(d['baseline'])}): "
                       f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] (paired bootstrap). True member "
                       f"share {100 * result['true_member_share']:.0f}%, estimated {100 * result['exposure']['estimate']:.0f}%.</p>")
+    if "association" in result:
+        a = result["association"]
+        lines = "".join(f"<tr><td>{html.escape(k)}</td><td>{v['auroc']:.3f} [{v['auroc_ci'][0]:.3f}, {v['auroc_ci'][1]:.3f}]</td></tr>"
+                        for k, v in sorted(a["scores"].items(), key=lambda kv: -kv[1]["auroc"]))
+        evaluation += (f"<h2>Association: correct pairs against shuffled ones</h2><p>{a['pairs']} audited pairs against "
+                       "the same images with other audited pairs' texts. A high AUROC says the score ties a text to its "
+                       "image; it says nothing about membership, since both sides hold the same images and texts.</p>"
+                       f"<table><tr><th>score</th><th>AUROC [95% CI]</th></tr>{lines}</table>")
     images = "".join(f"<h3>{html.escape(t)}</h3><img src='data:image/png;base64,{b}'>" for t, b in figures)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>GradAudit report</title><style>
 body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}}

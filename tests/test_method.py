@@ -99,3 +99,15 @@ def test_errors(pairs):
         _slice_set(grads, ref, 4, members[:3])
     with pytest.raises(ValueError, match="at least 2 members"):
         _slice_set(grads, ref, 1, members).cosines(loo=True)
+
+
+def test_concat_joins_pairs_scored_against_one_r(pairs):
+    grads, ref, members = pairs
+    s = _slice_set(grads, ref, n_ref=4, in_ref=members)
+    s.extra = {"loss": np.arange(7.0)}
+    joined = SliceSet.concat(s.subset(np.array([5, 0])), s.subset(np.array([3])))
+    np.testing.assert_array_equal(joined.cosines(loo=True), s.subset(np.array([5, 0, 3])).cosines(loo=True))
+    np.testing.assert_array_equal(joined.extra["loss"], [5.0, 0.0, 3.0])
+    other = _slice_set(grads, {k: 2 * v for k, v in ref.items()}, n_ref=4, in_ref=members)
+    with pytest.raises(ValueError, match="same R"):
+        SliceSet.concat(s, other)

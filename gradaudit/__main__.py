@@ -1,0 +1,5 @@
+import sys
+
+from gradaudit.cli import main
+
+sys.exit(main())
