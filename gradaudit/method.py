@@ -36,6 +36,9 @@ class SliceSet:
     n_ref: int
     in_ref: np.ndarray = field(default=None)
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # other per-pair scores, e.g. baselines (n,)
+    # derived features kept once computed (every fold model scores the same probes): the arrays above are
+    # never changed in place; subset/concat build new sets
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         n = self.num_pairs
@@ -96,6 +99,12 @@ class SliceSet:
         ⟨G, R₋ₓ⟩ = (N⟨G,R⟩ − ‖G‖²)/(N−1), ‖R₋ₓ‖² = (N²‖R‖² − 2N⟨G,R⟩ + ‖G‖²)/(N−1)² (clamped at 0)."""
         if loo and self.n_ref < 2 and self.in_ref.any():
             raise ValueError("leave-one-out needs R built from at least 2 members")
+        key = ("cosines", bool(loo and self.in_ref.any()))
+        if key not in self.memo:
+            self.memo[key] = self._cosines(loo)
+        return self.memo[key]
+
+    def _cosines(self, loo: bool) -> np.ndarray:
         parts = []
         for w in self.weights:
             for dot, sq, ref in ((self.row_dot[w], self.row_sq[w], self.ref_row_sq[w]),

@@ -33,6 +33,12 @@ def head_features(pairs: SliceSet, features: str) -> np.ndarray:
     """(n, F) features of the supervised head: leave-one-out slice cosines, log slice norms, or both."""
     if features not in ("cosine", "lognorm", "both"):
         raise ValueError(f"features must be 'cosine', 'lognorm' or 'both'; got {features!r}")
+    if ("head", features) not in pairs.memo:
+        pairs.memo[("head", features)] = _head_features(pairs, features)
+    return pairs.memo[("head", features)]
+
+
+def _head_features(pairs: SliceSet, features: str) -> np.ndarray:
     parts = []
     if features in ("cosine", "both"):
         parts.append(pairs.cosines(loo=True))
@@ -175,7 +181,7 @@ class Estimate:
         out = np.empty(probes.num_pairs)
         out[~fresh] = self.scores[reference_position[~fresh]]
         if fresh.any():
-            subset = probes.subset(fresh)
+            subset = probes if fresh.all() else probes.subset(fresh)  # the same object keeps its features
             out[fresh] = np.mean([_evaluate(m, subset) for m in self.models], axis=0)
         return out
 
