@@ -1,11 +1,11 @@
-# `make test` and `make bench` set themselves up from nothing: a .venv with the pinned
+# `make test`, `make demo` and `make eval` set themselves up from nothing: a .venv with the pinned
 # requirements and the package installed in place with its C++ extension.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-gpu bench bench-cpu clean
+.PHONY: test demo eval test-gpu bench bench-cpu clean
 
 $(STAMP): requirements-dev.txt pyproject.toml setup.py csrc/*.cpp
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,15 @@ $(STAMP): requirements-dev.txt pyproject.toml setup.py csrc/*.cpp
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu" tests
+
+# The embedded default end to end: data and models are cached in demo/, the audit runs afresh.
+demo:
+	@start=$$(date +%s); $(MAKE) -s $(STAMP); echo "set-up: $$(( $$(date +%s) - start )) s"
+	$(PY) -m gradaudit.demo --root demo
+
+# The evaluation on the tiny models (CPU, about an hour; results in benchmarks/results/eval_tiny.*).
+eval: $(STAMP)
+	$(PY) benchmarks/eval_membership.py --root demo --out benchmarks/results
 
 # On a CUDA machine whose python already has torch and triton (the GPU machine).
 test-gpu:

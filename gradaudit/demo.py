@@ -1,159 +1,94 @@
-"""The embedded default, end to end with nothing downloaded: generate corpora, train a tiny
-vision-language model here, fine-tune it with LoRA on a set of radiograph–report pairs (the members),
-and audit it with `gradaudit audit` on 200 + 200 reference pairs and 100 + 100 probes.
+"""The embedded default, end to end with nothing downloaded (``make demo``): generate the corpora, train
+a tiny vision-language model here in the finetune scenario, and audit it with the public
+``gradaudit audit`` command.
 
-The base model is trained on scenes and on radiographs from another seed (report language it would
-have seen before, as a pretrained model has), then LoRA-fine-tuned on the members: new pairs of the
-same generator. Non-members are drawn from that generator too (the i.i.d. protocol): nothing but
-membership separates them. Data and trained models are cached under the output folder.
+The model: a LLaVA-wired model pretrained from scratch on generated scenes, then LoRA-fine-tuned on
+1200 generated radiograph–report pairs, the members (``gradaudit.scenarios``). The audit: 200 known
+members and 200 known non-members as the reference, 1000 + 1000 labelled probes, all non-members drawn
+from the members' own generator (the i.i.d. protocol: nothing but membership separates them), and the
+association test (member probes against their images with other probes' reports).
 
-    python -m gradaudit.demo [--out demo] [--leave-one-out]
+    python -m gradaudit.demo [--root demo] [--probes 1000]
 
-Not yet ``make demo``: its recipes were not yet chosen by held-out loss against alternatives, the
-shuffled-pair test and the stage-time budget are missing. Its first run (2026-11-26) showed that scoring
-reference members leave-one-out against the R they built is optimistic (cosine heads 1.00 out-of-fold
-against 0.72 on probes), which is why the audit now splits the reference members by default.
+Data and models are cached under the root folder; every run audits afresh (``ROOT/run``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 
-from gradaudit.data import read_manifest
-from gradaudit.synthetic import generate, write_manifest
-from gradaudit.zoo import Recipe, build_llava, held_out_loss, save, train, train_tokenizer
+from gradaudit.scenarios import Corpus, audit_sets, train_model
 
-SIZE = "tiny"
-IMAGE = 32
-# Chosen by held-out caption loss (the model's own quality), never by an audit result.
-BASE_RECIPE = Recipe(epochs=6, lr=3e-3, batch_size=32, seed=0)
-FINETUNE_RECIPE = Recipe(epochs=10, lr=3e-3, batch_size=16, lora_rank=16, seed=0)
-N_BASE, N_MEMBERS, N_NONMEMBERS, N_HELD = 800, 300, 300, 100
+CORPUS, TRAINING, SIZE = "radiographs", "finetune", "tiny"
 
 
-def _write(root, name, kind, seed, n, start=0, label=None):
-    samples = generate(kind, n, seed=seed, size=IMAGE, start=start)
-    return write_manifest(samples, root, name, kind, label=label)
-
-
-def prepare_data(root: str) -> dict:
-    """Manifests (deterministic): base training data, held-out sets, and the audit's four sets."""
-    os.makedirs(root, exist_ok=True)
-    m = {
-        "base_scenes": _write(root, "base_scenes", "scenes", 1, N_BASE),
-        "base_reports": _write(root, "base_reports", "radiographs", 2, N_BASE),
-        "held_scenes": _write(root, "held_scenes", "scenes", 3, N_HELD),
-        "held_reports": _write(root, "held_reports", "radiographs", 4, N_HELD),
-        "members": _write(root, "members", "radiographs", 5, N_MEMBERS),
-        "nonmembers": _write(root, "nonmembers", "radiographs", 5, N_NONMEMBERS, start=N_MEMBERS),
-    }
-    n_ref = 200
-    members, nonmembers = read_manifest(m["members"])[0], read_manifest(m["nonmembers"])[0]
-
-    def subset(name, pairs, label=None):
-        path = os.path.join(root, f"{name}.jsonl")
-        with open(path, "w") as f:
-            for p in pairs:
-                rec = {"id": p.id, "image": os.path.relpath(p.image, root), "prompt": p.prompt, "text": p.text}
-                if label is not None:
-                    rec["label"] = label(p)
-                f.write(json.dumps(rec) + "\n")
-        return path
-
-    member_ids = {p.id for p in members}
-    m["reference_members"] = subset("reference_members", members[:n_ref])
-    m["reference_nonmembers"] = subset("reference_nonmembers", nonmembers[:n_ref])
-    m["probes"] = subset("probes", members[n_ref:] + nonmembers[n_ref:], label=lambda p: int(p.id in member_ids))
-    return m
-
-
-def train_models(root: str, data: dict, log=print) -> tuple[str, str, dict]:
-    """Base and LoRA adapter folders (trained once; reused while the recipes are unchanged)."""
-    recipe = {"size": SIZE, "base": dataclasses.asdict(BASE_RECIPE), "finetune": dataclasses.asdict(FINETUNE_RECIPE),
-              "n_base": N_BASE, "n_members": N_MEMBERS}
-    base_dir, adapter_dir = os.path.join(root, "base"), os.path.join(root, "adapter")
-    stamp = os.path.join(root, "recipe.json")
-    if os.path.exists(stamp):
-        with open(stamp) as f:
-            stored = json.load(f)
-        if stored["recipe"] == recipe:
-            return base_dir, adapter_dir, stored["losses"]
-    pairs = {k: read_manifest(v)[0] for k, v in data.items()}
-    base_pairs = pairs["base_scenes"] + pairs["base_reports"]
-    tokenizer = train_tokenizer([p.text for p in base_pairs], vocab_size=512)
-    model, processor = build_llava(SIZE, tokenizer, seed=0)
-    held = pairs["held_scenes"][:50] + pairs["held_reports"][:50]
-    model, base_history = train(model, processor, base_pairs, BASE_RECIPE, held_out=held,
-                                progress=lambda r: log(f"  base epoch {r['epoch']}: train {r['train_loss']:.3f}, "
-                                                       f"held-out {r['held_out_loss']:.3f}"))
-    save(model, processor, base_dir)
-    before = held_out_loss(model, processor, pairs["held_reports"])
-    model, ft_history = train(model, processor, pairs["members"], FINETUNE_RECIPE, held_out=pairs["held_reports"],
-                              progress=lambda r: log(f"  LoRA epoch {r['epoch']}: train {r['train_loss']:.3f}, "
-                                                     f"held-out {r['held_out_loss']:.3f}"))
-    save(model, processor, adapter_dir)
-    losses = {"base_held_out": base_history[-1]["held_out_loss"], "reports_held_out_before_finetune": before,
-              "reports_held_out_after_finetune": ft_history[-1]["held_out_loss"],
-              "members_train_loss": ft_history[-1]["train_loss"]}
-    with open(stamp, "w") as f:
-        json.dump({"recipe": recipe, "losses": losses, "base": base_history, "finetune": ft_history}, f, indent=1)
-    return base_dir, adapter_dir, losses
+def _table(scores: dict, with_tpr: bool = True) -> list[str]:
+    lines = [f"  {'score':24s} {'AUROC [95% CI]':24s}" + (" TPR at 1% FPR [95% CI]" if with_tpr else "")]
+    for name, v in sorted(scores.items(), key=lambda kv: (kv[0] not in ("gradaudit", "paper"), -kv[1]["auroc"])):
+        tpr = v["tpr_at_0.01_fpr"]
+        tpr = ("n/a (needs 1000 non-members)" if tpr is None else
+               f"{tpr:.3f} [{v['tpr_at_0.01_fpr_ci'][0]:.3f}, {v['tpr_at_0.01_fpr_ci'][1]:.3f}]")
+        lines.append(f"  {name:24s} {v['auroc']:.3f} [{v['auroc_ci'][0]:.3f}, {v['auroc_ci'][1]:.3f}]"
+                     + (f"   {tpr}" if with_tpr else ""))
+    return lines
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="demo")
-    ap.add_argument("--leave-one-out", action="store_true",
-                    help="DESIGN.md's protocol: every reference member builds R and is scored leave-one-out "
-                         "(split_reference = false); it reads optimistic, see the module's text")
+    ap.add_argument("--root", default="demo", help="cache of data and models, and the audit's run folder")
+    ap.add_argument("--probes", type=int, default=1000, help="member and non-member probes each (≤ 1000)")
+    ap.add_argument("--reference", type=int, default=200, help="known members and non-members each")
+    ap.add_argument("--members", type=int, default=Corpus.members,
+                    help="members (and non-members) the corpus holds; fewer make a faster, weaker check (tests)")
     args = ap.parse_args(argv)
+    counts = Corpus(members=args.members, nonmembers=args.members, held_out=min(Corpus.held_out, args.members // 4))
+    root = os.path.abspath(args.root)
     times = {}
-    t = time.time()
-    data = prepare_data(os.path.join(args.out, "data"))
-    times["data"] = time.time() - t
-    t = time.time()
-    print("training (cached after the first run):", flush=True)
-    base, adapter, losses = train_models(os.path.join(args.out, "models"), data)
-    times["training"] = time.time() - t
-    print(f"  held-out report loss {losses['reports_held_out_before_finetune']:.3f} before the LoRA fine-tune, "
-          f"{losses['reports_held_out_after_finetune']:.3f} after; members' training loss "
-          f"{losses['members_train_loss']:.3f}", flush=True)
-    config = os.path.join(args.out, "audit.toml")
-    with open(config, "w") as f:
-        f.write(f'model = "{os.path.abspath(base)}"\nadapter = "{os.path.abspath(adapter)}"\n'
-                f'run = "{os.path.abspath(os.path.join(args.out, "run_loo" if args.leave_one_out else "run"))}"\n'
-                f'preset = "paper"\n[data]\n'
-                + "".join(f'{k} = "{os.path.abspath(data[k])}"\n' for k in ("reference_members", "reference_nonmembers", "probes"))
-                + "[options]\nbatch_size = 16\n"
-                + ("split_reference = false\n" if args.leave_one_out else ""))
-    t = time.time()
-    from gradaudit.audit import run_audit
-    from gradaudit.report import verdict
 
-    result = run_audit(config, progress=True)
+    t = time.time()
+    model = train_model(root, TRAINING, CORPUS, SIZE, counts, log=lambda m: print(m, flush=True))
+    sets = audit_sets(root, CORPUS, SIZE, args.reference, args.probes, counts=counts, pool=args.reference)
+    times["data and training (cached)"] = time.time() - t
+    print(f"model: {model['model']} + LoRA adapter {model['adapter']}; held-out report loss "
+          f"{model['held_out_loss_before']:.3f} before the fine-tune, {model['held_out_loss']:.3f} after "
+          f"(members' training loss {model['history'][-1]['train_loss']:.3f})", flush=True)
+
+    run = os.path.join(root, "run")
+    shutil.rmtree(run, ignore_errors=True)
+    config = os.path.join(root, "audit.toml")
+    with open(config, "w") as f:
+        f.write(f'model = "{model["model"]}"\nadapter = "{model["adapter"]}"\nrun = "{run}"\npreset = "paper"\n'
+                "[data]\n" + "".join(f'{k} = "{sets[k]}"\n' for k in ("reference_members", "reference_nonmembers", "probes"))
+                + "[options]\nbatch_size = 16\nassociation_test = true\n")
+    command = [sys.executable, "-m", "gradaudit", "audit", config]
+    print(f"\n$ gradaudit audit {config}", flush=True)
+    t = time.time()
+    subprocess.run(command, check=True)
     times["audit"] = time.time() - t
+
+    with open(os.path.join(run, "metrics.json")) as f:
+        result = json.load(f)
     ev = result["evaluation"]
-    print("\nOn the 100 member and 100 non-member probes (i.i.d. protocol):")
-    print(f"  {'score':22s} {'AUROC [95% CI]':22s} TPR at 1% FPR")
-    names = ["gradaudit", "paper"] + sorted(k for k in ev if isinstance(ev[k], dict) and "auroc" in ev[k]
-                                            and k not in ("gradaudit", "paper"))
-    for k in names:
-        v = ev[k]
-        tpr = "n/a (needs 1000 non-members)" if v["tpr_at_0.01_fpr"] is None else f"{v['tpr_at_0.01_fpr']:.3f}"
-        print(f"  {k:22s} {v['auroc']:.3f} [{v['auroc_ci'][0]:.3f}, {v['auroc_ci'][1]:.3f}]  {tpr}")
+    print(f"\nOn {args.probes} member and {args.probes} non-member probes (i.i.d. protocol), chosen method "
+          f"'{result['method']}' (cross-validated on the reference pairs only):")
+    print("\n".join(_table({k: v for k, v in ev.items() if isinstance(v, dict) and "auroc" in v})))
     d = ev["gradaudit_minus_best_baseline"]
-    print(f"  GradAudit ({result['method']}) − best baseline ({d['baseline']}): {d['difference']:+.3f} "
-          f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")
-    exposure = result["exposure"]
-    print(f"estimated exposure of the probe set: {100 * exposure['estimate']:.0f}% "
-          f"(95% CI {100 * exposure['ci'][0]:.0f}–{100 * exposure['ci'][1]:.0f}%), true 50%")
-    print(verdict(result))
-    print(f"report: {os.path.join(result['run'], 'report.html')}")
+    print(f"  GradAudit − best baseline ({d['baseline']}): {d['difference']:+.3f} "
+          f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] (paired bootstrap)")
+    a = result["association"]
+    print(f"\nAssociation: {a['pairs']} member probes against their images with other probes' reports:")
+    print("\n".join(_table(a["scores"], with_tpr=False)))
+    print("  (ties a text to its image; says nothing about membership: both sides are training images and texts)")
+    e = result["exposure"]
+    print(f"\nEstimated exposure of the probe set: {100 * e['estimate']:.0f}% "
+          f"(95% CI {100 * e['ci'][0]:.0f}–{100 * e['ci'][1]:.0f}%); true {100 * result['true_member_share']:.0f}%")
+    print(f"report: {os.path.join(run, 'report.html')}")
     print("stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     return 0
 
