@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+from gradaudit.report import signal_established, verdict
 from gradaudit.scenarios import Corpus, audit_sets, train_model
 
 CORPUS, TRAINING, SIZE = "radiographs", "finetune", "tiny"
@@ -87,7 +88,9 @@ def main(argv=None) -> int:
     print("  (ties a text to its image; says nothing about membership: both sides are training images and texts)")
     e = result["exposure"]
     print(f"\nEstimated exposure of the probe set: {100 * e['estimate']:.0f}% "
-          f"(95% CI {100 * e['ci'][0]:.0f}–{100 * e['ci'][1]:.0f}%); true {100 * result['true_member_share']:.0f}%")
+          f"(95% CI {100 * e['ci'][0]:.0f}–{100 * e['ci'][1]:.0f}%); true {100 * result['true_member_share']:.0f}%"
+          + ("" if signal_established(result) else " — not claimed: the method did not beat chance on the reference"))
+    print("\n" + verdict(result))
     print(f"report: {os.path.join(run, 'report.html')}")
     print("stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     return 0

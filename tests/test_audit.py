@@ -109,6 +109,9 @@ def test_verdict_reads_weak_when_the_interval_is_wide():
     result["cross_validated"]["loo"]["auroc_ci"] = [0.85, 0.95]
     result["collection_test"]["p_value"] = 0.001
     assert "Evidence that" in verdict(result) and "strong" in verdict(result)
+    result["cross_validated"]["loo"]["auroc_ci"] = [0.44, 0.63]  # a test result without a signal to stand on
+    text = verdict(result)
+    assert text.startswith("No conclusion") and "p = 0.001" in text and "Evidence that" not in text
 
 
 def test_leave_one_out_protocol_remains_an_option(audit_dir):
