@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gradaudit.data import read_manifest  # noqa: E402
 from gradaudit.scenarios import Corpus, other, prepare_corpus, tokenizer  # noqa: E402
 from gradaudit.synthetic import KINDS  # noqa: E402
-from gradaudit.zoo import SIZES, Recipe, build_llava, held_out_loss, train  # noqa: E402
+from gradaudit.zoo import SIZES, Recipe, build_llava, train  # noqa: E402
 
 GRIDS = {  # (epochs, lr) per size and training; LoRA rank width / 4, α = 2r
     ("tiny", "pretrain"): [(5, 3e-3), (10, 1e-3), (10, 3e-3), (20, 3e-3)],
