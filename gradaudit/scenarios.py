@@ -178,7 +178,7 @@ def audit_sets(root: str, corpus: str, size: str, n_reference: int = REFERENCE_P
     data = prepare_corpus(root, corpus, size, counts)
     members = _load_pairs(data["members"])
     nonmembers = _load_pairs(data["nonmembers" if protocol == "iid" else "nonmembers_shifted"])
-    folder = os.path.join(root, "audits", f"{corpus}-{size}-{protocol}-{n_reference}-{n_probes}")
+    folder = os.path.join(root, "audits", f"{corpus}-{size}-{protocol}-{n_reference}-of-{pool}-{n_probes}")
     probe_m, probe_n = (side[pool:pool + n_probes] for side in (members, nonmembers))
     return {
         "reference_members": write_pairs(os.path.join(folder, "reference_members.jsonl"), members[:n_reference]),
