@@ -89,7 +89,7 @@ def exposure(estimates, chosen, pos, neg, oof_n_members) -> dict:
     audit's verdict does: only where the chosen method beats chance on the reference pairs."""
     oof = estimates[chosen].scores
     reference = (oof[:oof_n_members], oof[oof_n_members:])
-    low = metrics.auroc_ci(*reference, n_boot=N_BOOT)[1]
+    low = audit.oof_auroc_ci(oof, oof_n_members)[0]
     calibrator = Calibrator().fit(*reference)
     n = min(pos.size, neg.size)
     out = []

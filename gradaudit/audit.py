@@ -90,7 +90,8 @@ def load_set(folder: RunFolder, name: str):
     return ids, pairs, labels
 
 
-def _oof_ci(scores: np.ndarray, n_members: int) -> list[float]:
+def oof_auroc_ci(scores: np.ndarray, n_members: int) -> list[float]:
+    """95% interval of the AUROC of out-of-fold scores (members first), the one the claim rule reads."""
     _, low, high = metrics.auroc_ci(scores[:n_members], scores[n_members:], n_boot=2000)
     return [low, high]
 
@@ -115,7 +116,7 @@ def fit_sets(run: str, members_set: str = "reference_members", nonmembers_set: s
         "method": chosen, "requested_method": method,
         "reference": {"members": members.num_pairs, "nonmembers": nonmembers.num_pairs, "folds": folds,
                       "r_builders": members.n_ref, "members_in_r": int(members.in_ref.sum())},
-        "cross_validated": {k: {"auroc": e.auroc, "auroc_ci": _oof_ci(e.scores, members.num_pairs),
+        "cross_validated": {k: {"auroc": e.auroc, "auroc_ci": oof_auroc_ci(e.scores, members.num_pairs),
                                 "tpr_at_0.01_fpr": e.tpr_at_1pct, "tpr_at_0.05_fpr": e.tpr_at_5pct}
                             for k, e in estimates.items()},
         "cross_validated_baselines": {k: metrics.auroc(members.extra[k], nonmembers.extra[k]) for k in members.extra},
