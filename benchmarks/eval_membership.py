@@ -36,7 +36,7 @@ from gradaudit.method import GradAudit, SliceSet  # noqa: E402
 from gradaudit.pipeline import run_extract, run_reference  # noqa: E402
 from gradaudit.protocol import choose, cross_validate  # noqa: E402
 from gradaudit.runfolder import RunFolder  # noqa: E402
-from gradaudit.scenarios import TRAININGS, audit_sets, train_model  # noqa: E402
+from gradaudit.scenarios import REFERENCE_POOL, TRAININGS, audit_sets, train_model  # noqa: E402
 from gradaudit.synthetic import KINDS  # noqa: E402
 
 REFERENCE_SIZES = (25, 50, 100, 200)
@@ -281,9 +281,9 @@ def main() -> int:
     ap.add_argument("--scenarios", default=",".join(f"{t}-{c}" for t in TRAININGS for c in KINDS))
     ap.add_argument("--probes", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--sizes", default=",".join(map(str, REFERENCE_SIZES)), help="reference sizes (the largest: "
-                    "both protocols, τ, exposure, association)")
-    ap.add_argument("--presets", default=",".join(PRESETS), help="layer presets (others than paper at the largest size)")
+    ap.add_argument("--sizes", default=",".join(map(str, REFERENCE_SIZES)), help="reference sizes (the whole pool, "
+                    f"{REFERENCE_POOL}: both protocols, τ, exposure, association)")
+    ap.add_argument("--presets", default=",".join(PRESETS), help=f"layer presets (others than paper at {REFERENCE_POOL} only)")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="no run: join the reports of separate runs (e.g. one "
                     "scenario per 10-minute GPU call) into --out")
     args = ap.parse_args()
@@ -303,8 +303,8 @@ def main() -> int:
                                           held_out_loss=model["held_out_loss"],
                                           train_loss=model["history"][-1]["train_loss"])
         for preset in args.presets.split(","):
-            for n_ref in (sizes if preset == "paper" else sizes[-1:]):
-                full = n_ref == sizes[-1]
+            for n_ref in (sizes if preset == "paper" else [REFERENCE_POOL]):
+                full = n_ref == REFERENCE_POOL
                 t = time.time()
                 run = capture(args.root, model, corpus, args.size, preset, n_ref, args.probes, full, args.device,
                               args.batch_size)
