@@ -33,7 +33,7 @@ GRIDS = {  # (epochs, lr) per size and training; LoRA rank width / 4, α = 2r
     ("tiny", "finetune"): [(5, 1e-3), (5, 3e-3), (10, 3e-4), (10, 1e-3), (10, 3e-3), (10, 1e-2), (20, 3e-3),
                            (20, 1e-2)],
     ("small", "pretrain"): [(5, 1e-3), (10, 5e-4), (10, 1e-3), (20, 1e-3)],
-    ("small", "finetune"): [(5, 5e-4), (10, 2e-4), (10, 5e-4), (10, 1e-3)],
+    ("small", "finetune"): [(5, 5e-4), (10, 2e-4), (10, 5e-4), (10, 1e-3), (10, 2e-3), (20, 1e-3), (20, 2e-3)],
 }
 BATCH = {"pretrain": 32, "finetune": 16}
 
@@ -45,6 +45,8 @@ def main() -> int:
     ap.add_argument("--root", default="demo", help="the scenarios' cache folder (corpora, tokenizer)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--table-only", action="store_true", help="no training: the table of what was measured")
+    ap.add_argument("--only", action="append", metavar="TRAINING:EPOCHS:LR", help="measure just these candidates "
+                    "(repeatable; e.g. finetune:10:2e-3), so that separate processes can share a grid")
     args = ap.parse_args()
     counts = Corpus()
     tok = tokenizer(args.root, args.size)
@@ -55,11 +57,15 @@ def main() -> int:
             rows = json.load(f)["rows"]
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     if args.table_only and rows:
-        card = rows[0].get("device", "CPU")
+        card = " / ".join(sorted({r.get("device", "CPU") for r in rows}))
     winners, bases = {}, {}
 
     def measured(training, epochs, lr, corpus):
         return [r for r in rows if (r["training"], r["epochs"], r["lr"], r["corpus"]) == (training, epochs, lr, corpus)]
+
+    def wanted(training, epochs, lr):
+        return not args.only or any(o.split(":")[0] == training and int(o.split(":")[1]) == epochs
+                                    and float(o.split(":")[2]) == lr for o in args.only)
 
     def fit(training, epochs, lr, corpus):
         rank = SIZES[args.size]["width"] // 4 if training == "finetune" else 0
@@ -82,7 +88,7 @@ def main() -> int:
     for training in ("pretrain", "finetune"):
         for epochs, lr in GRIDS[(args.size, training)]:
             for corpus in KINDS:
-                if args.table_only or measured(training, epochs, lr, corpus):
+                if args.table_only or measured(training, epochs, lr, corpus) or not wanted(training, epochs, lr):
                     continue
                 row, model = fit(training, epochs, lr, corpus)
                 print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
