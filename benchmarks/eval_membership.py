@@ -3,7 +3,7 @@ audited the way the paper measures, against every baseline, on both protocols.
 
 Per scenario (pretrain / finetune × scenes / radiographs):
 - run folders with R built from half of the first n known members (n = 25, 50, 100, 200; the other half
-  fit, as ``gradaudit audit`` does by default) and the `paper` layer preset, plus `all-linear` at n = 200;
+  fit, as ``gradaudit audit`` does by default) and the `paper` layer preset, plus `all-linear` at n = 200 (i.i.d. membership only);
 - membership on 1000 member and 1000 non-member probes, i.i.d. and shifted protocols: GradAudit's
   cross-validated choice ("auto"), every variant, the paper's variant exactly ("paper-exact": its mask
   fitted on the members that built R, in-sample, as the paper does), and every baseline; AUROC and TPR at
@@ -45,6 +45,7 @@ SHARES = (0.0, 0.1, 0.3, 0.5)
 PRESETS = ("paper", "all-linear")
 GRADIENT = ("auto", "paper", "paper-exact", "loo", "signed", "head-cosine", "head-lognorm", "head-both", "combined")
 N_BOOT = 2000
+SCENARIOS = [f"{t}-{c}" for t in TRAININGS for c in KINDS]
 
 
 def capture(root, model, corpus, size, preset, n_ref, n_probes, full, device, batch_size) -> str:
@@ -162,7 +163,7 @@ def markdown(report: dict) -> str:
     rows = report["results"]
     head = rows and rows[0]
     lines = [f"# Membership evaluation, {report['size']} models ({report['device']})", "",
-             f"`{report['command']}` — {report['date']}, {report['minutes']:.0f} min. Generated data and small "
+             f"`{report['command']}` — {report['date']}, {report['minutes']:.0f} min (summed over processes). Generated data and small "
              "models: what these figures say about real models is only what the method does when its "
              "assumptions are met or not; see the README.", "",
              "## Models (held-out caption loss before → after training; members' final training loss)", "",
@@ -263,7 +264,9 @@ def merge(paths: list[str], out: str) -> int:
             reports.append(json.load(f))
     joined = dict(reports[0], command=" ; ".join(r["command"] for r in reports), minutes=sum(r["minutes"] for r in reports),
                   models={k: v for r in reports for k, v in r["models"].items()},
-                  results=[row for r in reports for row in r["results"]],
+                  results=sorted((row for r in reports for row in r["results"]),
+                                 key=lambda row: (SCENARIOS.index(row["scenario"]), row["preset"] != "paper", row["n_reference"],
+                                                  row["protocol"])),
                   device=" / ".join(sorted({r["device"] for r in reports})))
     with open(os.path.join(out, f"eval_{joined['size']}.json"), "w") as f:
         json.dump(joined, f, indent=1)
@@ -278,7 +281,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--root", default="demo", help="the scenarios' cache (data, models) and the run folders")
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--scenarios", default=",".join(f"{t}-{c}" for t in TRAININGS for c in KINDS))
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--probes", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--sizes", default=",".join(map(str, REFERENCE_SIZES)), help="reference sizes (the whole pool, "
@@ -304,15 +307,14 @@ def main() -> int:
                                           train_loss=model["history"][-1]["train_loss"])
         for preset in args.presets.split(","):
             for n_ref in (sizes if preset == "paper" else [REFERENCE_POOL]):
-                full = n_ref == REFERENCE_POOL
+                full = n_ref == REFERENCE_POOL and preset == "paper"  # other presets: membership, i.i.d. only
                 t = time.time()
                 run = capture(args.root, model, corpus, args.size, preset, n_ref, args.probes, full, args.device,
                               args.batch_size)
                 captured = time.time() - t
                 for protocol in ("iid", "shifted") if full else ("iid",):
                     t = time.time()
-                    row = dict(scenario=scenario, preset=preset, n_reference=n_ref,
-                               **evaluate(run, protocol, full and preset == "paper"))
+                    row = dict(scenario=scenario, preset=preset, n_reference=n_ref, **evaluate(run, protocol, full))
                     report["results"].append(row)
                     m = row["membership"]
                     print(f"{scenario} {preset} n={n_ref} {protocol}: auto {m['scores']['auto']['auroc']:.3f} "
