@@ -3,7 +3,8 @@ audited the way the paper measures, against every baseline, on both protocols.
 
 Per scenario (pretrain / finetune × scenes / radiographs):
 - run folders with R built from half of the first n known members (n = 25, 50, 100, 200; the other half
-  fit, as ``gradaudit audit`` does by default) and the `paper` layer preset, plus `all-linear` at n = 200 (i.i.d. membership only);
+  fit, as ``gradaudit audit`` does by default) and the `paper` layer preset, plus `all-linear` at n = 200
+  (i.i.d. membership only);
 - membership on 1000 member and 1000 non-member probes, i.i.d. and shifted protocols: GradAudit's
   cross-validated choice ("auto"), every variant, the paper's variant exactly ("paper-exact": its mask
   fitted on the members that built R, in-sample, as the paper does), and every baseline; AUROC and TPR at
@@ -163,8 +164,8 @@ def markdown(report: dict) -> str:
     rows = report["results"]
     head = rows and rows[0]
     lines = [f"# Membership evaluation, {report['size']} models ({report['device']})", "",
-             f"`{report['command']}` — {report['date']}, {report['minutes']:.0f} min (summed over processes). Generated data and small "
-             "models: what these figures say about real models is only what the method does when its "
+             f"`{report['command']}` — {report['date']}, {report['minutes']:.0f} min (summed over processes). "
+             "Generated data and small models: what these figures say about real models is only what the method does when its "
              "assumptions are met or not; see the README.", "",
              "## Models (held-out caption loss before → after training; members' final training loss)", "",
              "| scenario | held-out before | held-out after | members' train loss |", "|---|---|---|---|"]
@@ -257,6 +258,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _row_order(row: dict) -> tuple:
+    return SCENARIOS.index(row["scenario"]), row["preset"] != "paper", row["n_reference"], row["protocol"]
+
+
 def merge(paths: list[str], out: str) -> int:
     reports = []
     for path in paths:
@@ -264,10 +269,9 @@ def merge(paths: list[str], out: str) -> int:
             reports.append(json.load(f))
     joined = dict(reports[0], command=" ; ".join(r["command"] for r in reports), minutes=sum(r["minutes"] for r in reports),
                   models={k: v for r in reports for k, v in r["models"].items()},
-                  results=sorted((row for r in reports for row in r["results"]),
-                                 key=lambda row: (SCENARIOS.index(row["scenario"]), row["preset"] != "paper", row["n_reference"],
-                                                  row["protocol"])),
+                  results=sorted((row for r in reports for row in r["results"]), key=_row_order),
                   device=" / ".join(sorted({r["device"] for r in reports})))
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"eval_{joined['size']}.json"), "w") as f:
         json.dump(joined, f, indent=1)
     with open(os.path.join(out, f"eval_{joined['size']}.md"), "w") as f:
