@@ -21,7 +21,7 @@ demo:
 	@start=$$(date +%s); $(MAKE) -s $(STAMP); echo "set-up: $$(( $$(date +%s) - start )) s"
 	$(PY) -m gradaudit.demo --root demo
 
-# The evaluation on the tiny models (CPU, about an hour; results in benchmarks/results/eval_tiny.*).
+# The evaluation on the tiny models (CPU, about 40 minutes; results in benchmarks/results/eval_tiny.*).
 eval: $(STAMP)
 	$(PY) benchmarks/eval_membership.py --root demo --out benchmarks/results
 

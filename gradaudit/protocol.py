@@ -182,8 +182,12 @@ class Estimate:
         out[~fresh] = self.scores[reference_position[~fresh]]
         if fresh.any():
             subset = probes if fresh.all() else probes.subset(fresh)  # the same object keeps its features
-            out[fresh] = np.mean([_evaluate(m, subset) for m in self.models], axis=0)
+            out[fresh] = self.fold_scores(subset).mean(axis=0)
         return out
+
+    def fold_scores(self, pairs: SliceSet) -> np.ndarray:
+        """(folds, n) scores of pairs none of the fold models saw, one row per fold model."""
+        return np.array([_evaluate(m, pairs) for m in self.models])
 
 
 def cross_validate(members: SliceSet, nonmembers: SliceSet, variants=tuple(VARIANTS), folds: int = 5,
