@@ -19,7 +19,7 @@ test: $(STAMP)
 # The embedded default end to end: data and models are cached in demo/, the audit runs afresh.
 demo:
 	@start=$$(date +%s); $(MAKE) -s $(STAMP); echo "set-up: $$(( $$(date +%s) - start )) s"
-	$(PY) -m gradaudit.demo --root demo
+	$(PY) -m gradaudit.toy.demo --root demo
 
 # The evaluation on the tiny models (CPU, about 40 minutes; results in benchmarks/results/eval_tiny.*).
 eval: $(STAMP)

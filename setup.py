@@ -1,4 +1,4 @@
-"""Builds gradaudit (with kernels/ as gradaudit.kernels) and the CPU extension gradaudit._C.
+"""Builds gradaudit (its Triton kernels in gradaudit/kernels) and the CPU extension gradaudit._C from csrc/.
 
 GRADAUDIT_NO_EXT=1 skips the extension. If it fails to build, the package installs without it and
 says so; the ``cpp`` backend is then reported unavailable at run time.
@@ -7,10 +7,9 @@ says so; the ``cpp`` backend is then reported unavailable at run time.
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-packages = ["gradaudit", "gradaudit.kernels"]
-package_dir = {"gradaudit": "gradaudit", "gradaudit.kernels": "kernels"}
+packages = find_packages(include=["gradaudit", "gradaudit.*"])
 ext_modules, cmdclass = [], {}
 
 if os.environ.get("GRADAUDIT_NO_EXT", "0") in ("", "0"):
@@ -36,4 +35,4 @@ if os.environ.get("GRADAUDIT_NO_EXT", "0") in ("", "0"):
         ))
         cmdclass["build_ext"] = OptionalBuildExtension.with_options(use_ninja=True)
 
-setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=packages, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -16,10 +16,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gradaudit.capture import batch_stats, freeze, per_sample_text_loss, reference_sums  # noqa: E402
-from gradaudit.models import batch_layout, encode_pairs, select_targets  # noqa: E402
-from tests.tiny_models import random_images, tiny_llava  # noqa: E402
+from gradaudit.capture import batch_stats, per_sample_text_loss, reference_sums
+from gradaudit.models import batch_layout, encode_pairs, freeze, select_targets
+from gradaudit.toy.tiny import random_images, tiny_llava
 
 
 def paper_loop(model, processor, images, texts, targets, refs):

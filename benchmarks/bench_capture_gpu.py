@@ -18,9 +18,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gradaudit.capture import _backward, batch_stats, freeze, per_sample_text_loss  # noqa: E402
-from gradaudit.models import batch_layout, select_targets  # noqa: E402
+from gradaudit.capture.engine import _backward, batch_stats
+from gradaudit.capture import per_sample_text_loss
+from gradaudit.models import batch_layout, freeze, select_targets
 
 
 def build(device):

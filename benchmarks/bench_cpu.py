@@ -21,9 +21,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gradaudit import slice_stats  # noqa: E402
-from baseline_routes import gram_norms, reduce_materialised  # noqa: E402
+from gradaudit import slice_stats
+from baseline_routes import gram_norms, reduce_materialised
 
 
 def _median_s(routes, repeats):

@@ -1,4 +1,4 @@
-"""Does scoring probes on the out-of-fold footing help exposure and the collection test? (DESIGN.md §2.4)
+"""Does scoring probes on the out-of-fold footing help exposure and the collection test? (docs/protocol.md)
 
 The audit scores a probe by the mean of the 5 fold models; calibration and the collection test read
 out-of-fold reference scores, each from one fold model. This compares, on run folders that
@@ -21,14 +21,13 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from eval_membership import SCENARIOS, SHARES  # noqa: E402
+from eval_membership import SCENARIOS, SHARES
 
-from gradaudit import audit  # noqa: E402
-from gradaudit.calibration import Calibrator, collection_test  # noqa: E402
-from gradaudit.method import SliceSet  # noqa: E402
-from gradaudit.protocol import choose, cross_validate  # noqa: E402
-from gradaudit.runfolder import RunFolder  # noqa: E402
+from gradaudit import workflow
+from gradaudit.audit.calibration import Calibrator, collection_test
+from gradaudit.audit.method import SliceSet
+from gradaudit.audit.per_pair import oof_auroc_ci
+from gradaudit.audit.protocol import choose, cross_validate
 
 
 def footings(estimate, pairs: SliceSet) -> dict[str, np.ndarray]:
@@ -37,17 +36,18 @@ def footings(estimate, pairs: SliceSet) -> dict[str, np.ndarray]:
 
 
 def rows_of(run: str, protocol: str, seed: int = 0) -> list[dict]:
-    folder = RunFolder(run)
-    state = audit.fit_sets(run, "reference_members", "reference_nonmembers" + ("" if protocol == "iid" else "_shifted"))
-    _, probes, labels = audit.load_set(folder, "probes")
-    y = np.array(labels, dtype=bool)
-    members = probes.subset(y)
-    nonmembers = probes.subset(~y) if protocol == "iid" else audit.load_set(folder, "probe_nonmembers_shifted")[1]
-    n_m = state["members"].num_pairs
-    pool = SliceSet.concat(state["members"], state["nonmembers"])
+    ref_members = workflow.load_set(run, "reference_members").pairs
+    ref_nonmembers = workflow.load_set(run, "reference_nonmembers" + ("" if protocol == "iid" else "_shifted")).pairs
+    probes = workflow.load_set(run, "probes")
+    y = np.array(probes.labels, dtype=bool)
+    members = probes.pairs.subset(y)
+    nonmembers = (probes.pairs.subset(~y) if protocol == "iid"
+                  else workflow.load_set(run, "probe_nonmembers_shifted").pairs)
+    n_m = ref_members.num_pairs
+    pool = SliceSet.concat(ref_members, ref_nonmembers)
     order = np.random.default_rng(seed + 1).permutation(pool.num_pairs)
     out = []
-    for labels_kind, estimates in (("true", state["estimates"]),
+    for labels_kind, estimates in (("true", cross_validate(ref_members, ref_nonmembers)),
                                    ("permuted", cross_validate(pool.subset(order[:n_m]), pool.subset(order[n_m:]), seed=seed))):
         chosen = choose(estimates)
         oof = estimates[chosen].scores
@@ -61,7 +61,7 @@ def rows_of(run: str, protocol: str, seed: int = 0) -> list[dict]:
                 collection = np.concatenate([pos[footing][:k], neg[footing][:n - k]])
                 cells.append((calibrator.estimate_prior(collection), collection_test(collection, oof[n_m:])["p_value"]))
             out.append(dict(labels=labels_kind, chosen=chosen, oof_auroc=estimates[chosen].auroc,
-                            oof_auroc_ci_low=audit.oof_auroc_ci(oof, n_m)[0], footing=footing, cells=cells))
+                            oof_auroc_ci_low=oof_auroc_ci(oof, n_m)[0], footing=footing, cells=cells))
     return out
 
 

@@ -2,7 +2,7 @@
 loss — and by nothing else (no audit is run here). For each candidate recipe it trains the scenario's
 model on both corpora and records the final held-out loss; the recipe with the lowest mean wins.
 The finetune candidates start from the pretrain winner of the other corpus (as
-``gradaudit.scenarios.train_model`` does). Copy the winners into ``gradaudit.scenarios.RECIPES``.
+``gradaudit.toy.scenarios.train_model`` does). Copy the winners into ``gradaudit.toy.scenarios.RECIPES``.
 Rows are written as they come; a rerun with the same ``--out`` measures only the candidates not yet there
 (so a grid can be extended, and a cut-off run continued).
 
@@ -22,11 +22,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gradaudit.data import read_manifest  # noqa: E402
-from gradaudit.scenarios import Corpus, other, prepare_corpus, tokenizer  # noqa: E402
-from gradaudit.synthetic import KINDS  # noqa: E402
-from gradaudit.zoo import SIZES, Recipe, build_llava, train  # noqa: E402
+from gradaudit.store import read_manifest
+from gradaudit.toy.corpora import KINDS
+from gradaudit.toy.models import SIZES, Recipe, build_llava, train
+from gradaudit.toy.scenarios import Corpus, other, prepare_corpus, tokenizer
 
 GRIDS = {  # (epochs, lr) per size and training; LoRA rank width / 4, α = 2r
     ("tiny", "pretrain"): [(5, 3e-3), (10, 1e-3), (10, 3e-3), (20, 3e-3)],

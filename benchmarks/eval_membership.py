@@ -1,4 +1,4 @@
-"""The evaluation of issue 5 on the embedded default: models trained here (``gradaudit.scenarios``),
+"""The evaluation of issue 5 on the embedded default: models trained here (``gradaudit.toy.scenarios``),
 audited the way the paper measures, against every baseline, on both protocols.
 
 Per scenario (pretrain / finetune × scenes / radiographs):
@@ -29,16 +29,16 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gradaudit import audit, metrics  # noqa: E402
-from gradaudit.calibration import Calibrator, collection_test  # noqa: E402
-from gradaudit.data import read_manifest, write_pairs  # noqa: E402
-from gradaudit.method import GradAudit, SliceSet  # noqa: E402
-from gradaudit.pipeline import run_extract, run_reference  # noqa: E402
-from gradaudit.protocol import choose, cross_validate  # noqa: E402
-from gradaudit.runfolder import RunFolder  # noqa: E402
-from gradaudit.scenarios import REFERENCE_POOL, TRAININGS, audit_sets, train_model  # noqa: E402
-from gradaudit.synthetic import KINDS  # noqa: E402
+from gradaudit import workflow
+from gradaudit.audit import metrics
+from gradaudit.audit.calibration import Calibrator, collection_test
+from gradaudit.audit.method import GradAudit, SliceSet
+from gradaudit.audit.per_pair import fit_reference, oof_auroc_ci
+from gradaudit.audit.protocol import choose, cross_validate
+from gradaudit.capture import run_extract, run_reference
+from gradaudit.store import RunFolder, read_manifest, write_pairs
+from gradaudit.toy.corpora import KINDS
+from gradaudit.toy.scenarios import REFERENCE_POOL, TRAININGS, audit_sets, train_model
 
 REFERENCE_SIZES = (25, 50, 100, 200)
 TAUS = (0.0, 0.05, 0.10, 0.2)
@@ -53,7 +53,7 @@ def capture(root, model, corpus, size, preset, n_ref, n_probes, full, device, ba
     """One run folder: R from half of the first ``n_ref`` members, every set the evaluation scores."""
     run = os.path.join(root, "eval", os.path.basename(model["adapter"] or model["model"]), f"{preset}-ref{n_ref}")
     iid = audit_sets(root, corpus, size, n_ref, n_probes, "iid")
-    builders, fit_members = audit.split_members(iid["reference_members"], run, "stop")
+    builders, fit_members = workflow.split_members(iid["reference_members"], run, "stop")
     opts = dict(adapter=model["adapter"], preset=preset, batch_size=batch_size, device=device, progress=False)
     run_reference(model["model"], builders, run, **opts)
     sets = {"r_builders": builders, "reference_members": fit_members,
@@ -62,8 +62,8 @@ def capture(root, model, corpus, size, preset, n_ref, n_probes, full, device, ba
         shifted = audit_sets(root, corpus, size, n_ref, n_probes, "shifted")
         shifted_probes = [p for p in read_manifest(shifted["probes"])[0] if p.label == 0]
         sets.update(reference_nonmembers_shifted=shifted["reference_nonmembers"],
-                    probe_nonmembers_shifted=write_pairs(os.path.join(run, "split", "shifted.jsonl"), shifted_probes),
-                    shuffled=audit.association_manifest(iid["probes"], run, "stop"))
+                    probe_nonmembers_shifted=write_pairs(RunFolder(run).manifest_path("shifted"), shifted_probes),
+                    shuffled=workflow.association_manifest(iid["probes"], run, "stop"))
     for name, manifest in sets.items():
         run_extract(model["model"], manifest, run, name, **opts)
     return run
@@ -91,7 +91,7 @@ def exposure(estimates, chosen, pos, neg, oof_n_members) -> dict:
     audit's verdict does: only where the chosen method beats chance on the reference pairs."""
     oof = estimates[chosen].scores
     reference = (oof[:oof_n_members], oof[oof_n_members:])
-    low = audit.oof_auroc_ci(oof, oof_n_members)[0]
+    low = oof_auroc_ci(oof, oof_n_members)[0]
     calibrator = Calibrator().fit(*reference)
     n = min(pos.size, neg.size)
     out = []
@@ -107,33 +107,34 @@ def exposure(estimates, chosen, pos, neg, oof_n_members) -> dict:
 
 
 def evaluate(run: str, protocol: str, full: bool, seed: int = 0) -> dict:
-    folder = RunFolder(run)
     nonmembers_set = "reference_nonmembers" + ("" if protocol == "iid" else "_shifted")
-    state = audit.fit_sets(run, "reference_members", nonmembers_set, seed=seed)
-    estimates, chosen = state["estimates"], state["summary"]["method"]
-    builders = audit.load_set(folder, "r_builders")[1]
-    paper_exact = GradAudit().fit(builders, state["nonmembers"])  # Δ on the members that built R, in-sample
-    _, probes, labels = audit.load_set(folder, "probes")
-    y = np.array(labels, dtype=bool)
-    member_probes = probes.subset(y)
-    nonmember_probes = probes.subset(~y) if protocol == "iid" else audit.load_set(folder, "probe_nonmembers_shifted")[1]
+    members, nonmembers = workflow.load_set(run, "reference_members"), workflow.load_set(run, nonmembers_set)
+    fitted = fit_reference(members.pairs, nonmembers.pairs, members.ids, nonmembers.ids, seed=seed)
+    estimates, chosen = fitted.estimates, fitted.method
+    builders = workflow.load_set(run, "r_builders").pairs
+    paper_exact = GradAudit().fit(builders, nonmembers.pairs)  # Δ on the members that built R, in-sample
+    probes = workflow.load_set(run, "probes")
+    y = np.array(probes.labels, dtype=bool)
+    member_probes = probes.pairs.subset(y)
+    nonmember_probes = (probes.pairs.subset(~y) if protocol == "iid"
+                        else workflow.load_set(run, "probe_nonmembers_shifted").pairs)
     pos = scores_of(estimates, chosen, paper_exact, member_probes)
     neg = scores_of(estimates, chosen, paper_exact, nonmember_probes)
-    out = dict(protocol=protocol, chosen=chosen, reference=state["summary"]["reference"],
+    out = dict(protocol=protocol, chosen=chosen, reference=fitted.summary()["reference"],
                cross_validated={k: e.auroc for k, e in estimates.items()}, membership=membership(pos, neg))
     if not full:
         return out
     out["tau"] = []
     for tau in TAUS:
-        for name, fitted in (("paper", GradAudit(tau=tau).fit(state["members"], state["nonmembers"])),
-                             ("paper-exact", GradAudit(tau=tau).fit(builders, state["nonmembers"]))):
-            s_pos, s_neg = fitted.score_samples(member_probes), fitted.score_samples(nonmember_probes)
+        for name, at_tau in (("paper", GradAudit(tau=tau).fit(members.pairs, nonmembers.pairs)),
+                             ("paper-exact", GradAudit(tau=tau).fit(builders, nonmembers.pairs))):
+            s_pos, s_neg = at_tau.score_samples(member_probes), at_tau.score_samples(nonmember_probes)
             out["tau"].append(dict(tau=tau, variant=name, auroc=metrics.auroc(s_pos, s_neg),
-                                   kept=float(fitted.keep_.mean())))
-    n_m = state["members"].num_pairs
+                                   kept=float(at_tau.keep_.mean())))
+    n_m = members.pairs.num_pairs
     out["exposure"] = exposure(estimates, chosen, pos["auto"], neg["auto"], n_m)
     # control: the reference labels permuted, everything refitted; it should read as no exposure
-    pool = SliceSet.concat(state["members"], state["nonmembers"])
+    pool = SliceSet.concat(members.pairs, nonmembers.pairs)
     order = np.random.default_rng(seed + 1).permutation(pool.num_pairs)
     fake = cross_validate(pool.subset(order[:n_m]), pool.subset(order[n_m:]), seed=seed)
     fake_chosen = choose(fake)
@@ -141,7 +142,7 @@ def evaluate(run: str, protocol: str, full: bool, seed: int = 0) -> dict:
     out["exposure_permuted_labels"] = exposure(fake, fake_chosen, fake[fake_chosen].score_probes(member_probes, fresh_pos),
                                                fake[fake_chosen].score_probes(nonmember_probes, fresh_neg), n_m)
     if protocol == "iid":
-        shuffled = scores_of(estimates, chosen, paper_exact, audit.load_set(folder, "shuffled")[1])
+        shuffled = scores_of(estimates, chosen, paper_exact, workflow.load_set(run, "shuffled").pairs)
         out["association"] = {k: metrics.summary(pos[k], shuffled[k], n_boot=N_BOOT) for k in pos}
     return out
 

@@ -5,17 +5,14 @@ Usage: python benchmarks/profile_direct.py   (CUDA only; prints a table)
 """
 
 import cProfile
-import os
 import pstats
-import sys
 import time
 
 import torch
 from triton.testing import do_bench
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gradaudit import slice_stats  # noqa: E402
-from gradaudit.kernels import slice_stats as ks  # noqa: E402
+from gradaudit import slice_stats
+from gradaudit.kernels import slice_stats as ks
 
 
 def host_profile(x, g, off, ref, calls=200):

@@ -1,11 +1,15 @@
-"""The ``gradaudit`` command."""
+"""The ``gradaudit`` command: the only place that turns the library's typed errors into advice about
+commands."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from gradaudit.data import ManifestError
+from gradaudit.errors import (ConfigError, GradAuditError, LabelsMissing, ManifestError, ModelError, RunMismatch,
+                              StageMissing)
+from gradaudit.models.selection import PRESETS
+from gradaudit.ops.backends import NAMES as BACKENDS
 
 EXAMPLE = """example (a LLaVA checkpoint saved with save_pretrained, manifests of JSONL pairs):
   gradaudit layers ./llava-tiny --preset paper
@@ -18,12 +22,12 @@ Interrupted runs continue where they stopped when the same command is run again.
 def _common(p: argparse.ArgumentParser, with_data: bool = True) -> None:
     p.add_argument("--model", required=True, help="local model folder (save_pretrained), nothing is downloaded")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder to load on top of the model")
-    p.add_argument("--preset", default="paper", choices=["paper", "lora", "all-linear"],
+    p.add_argument("--preset", default="paper", choices=PRESETS,
                    help="weights to capture (paper: last 3 blocks of each tower + projector, or a LoRA model's "
                         "A and B matrices)")
     p.add_argument("--pattern", help="regular expression on weight names, applied after the preset")
     if with_data:
-        p.add_argument("--manifest", required=True, help="JSONL file of pairs (DESIGN.md §5)")
+        p.add_argument("--manifest", required=True, help="JSONL file of pairs (docs/data-and-runs.md)")
         p.add_argument("--run", required=True, help="run folder: results go there; a rerun resumes")
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--on-error", default="stop", choices=["stop", "skip"],
@@ -44,7 +48,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("layers", help="list the weights a selection picks", epilog=EXAMPLE, formatter_class=fmt)
     p.add_argument("model", help="local model folder")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder")
-    p.add_argument("--preset", default="paper", choices=["paper", "lora", "all-linear"])
+    p.add_argument("--preset", default="paper", choices=PRESETS)
     p.add_argument("--pattern")
     p = sub.add_parser("reference", help="sum the members' gradients into R (the reference pass)",
                        epilog=EXAMPLE, formatter_class=fmt)
@@ -53,81 +57,106 @@ def main(argv=None) -> int:
                        epilog=EXAMPLE, formatter_class=fmt)
     _common(p)
     p.add_argument("--set", required=True, dest="name", help="name of the statistics set, e.g. audited")
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpp", "torch"])
-    from gradaudit import audit as audit_module
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    from gradaudit import workflow
 
     p = sub.add_parser("audit", help="run a whole audit from a TOML file (resumable)",
-                       epilog=audit_module.__doc__, formatter_class=fmt)
+                       epilog=workflow.__doc__, formatter_class=fmt)
     p.add_argument("config", help="TOML file: model, run folder, manifests, options")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     steps = ("the steps after capture, one at a time, from a run folder whose sets reference_members, "
              "reference_nonmembers and the audited set were extracted:\n"
              "  gradaudit fit --run runs/a1\n  gradaudit score --run runs/a1 --set probes\n"
              "  gradaudit evaluate --run runs/a1 --set probes\n  gradaudit report --run runs/a1 --set probes")
-    for command, text in (("fit", "cross-validate every variant on the reference sets and choose one"),
+    for command, text in (("fit", "cross-validate every variant on the reference sets and choose one (stored)"),
                           ("score", "score a set: scores, probabilities, exposure, collection test (pairs.csv)"),
                           ("evaluate", "score a labelled set and measure every score on its labels (metrics.json)"),
                           ("report", "score (and evaluate, if labelled) a set and write report.html")):
         p = sub.add_parser(command, help=text, epilog=steps, formatter_class=fmt)
         p.add_argument("--run", required=True, help="run folder")
         p.add_argument("--method", default="auto", help="auto (default) or a variant: paper, loo, signed, "
-                       "head-cosine, head-lognorm, head-both, combined")
+                       "head-cosine, head-lognorm, head-both, combined; the stored fit is reused when it matches")
         p.add_argument("--folds", type=int, default=5)
         if command != "fit":
             p.add_argument("--set", dest="name", default="probes", help="the extracted set to score")
     args = ap.parse_args(argv)
 
-    from gradaudit import pipeline
+    from gradaudit import capture
 
     try:
         if args.command == "layers":
-            print(pipeline.selection_table(args.model, args.preset, args.pattern, args.adapter))
+            print(capture.selection_table(args.model, args.preset, args.pattern, args.adapter))
             return 0
         if args.command in ("fit", "score", "evaluate", "report"):
-            return _analysis_step(args, audit_module)
+            return _analysis_step(args, workflow)
         if args.command == "audit":
-            from gradaudit.report import verdict
+            from gradaudit.audit.claims import verdict
+            from gradaudit.store import RunFolder
 
-            result = audit_module.run_audit(args.config, progress=not args.no_progress)
+            result = workflow.run_audit(args.config, progress=not args.no_progress)
+            folder = RunFolder(result["run"])
             print(verdict(result))
-            print(f"report: {result['run']}/report.html  pairs: {result['run']}/pairs.csv  "
-                  f"metrics: {result['run']}/metrics.json")
+            print(f"report: {folder.report_path('probes')}  pairs: {folder.pairs_csv_path('probes')}  "
+                  f"metrics: {folder.metrics_path('probes')}")
             return 0
-        kw = dict(adapter=args.adapter, preset=args.preset, pattern=args.pattern, batch_size=args.batch_size, on_error=args.on_error,
-                  dtype=args.dtype, device=args.device, mode=args.mode, autocast=args.autocast,
-                  progress=not args.no_progress)
+        kw = dict(adapter=args.adapter, preset=args.preset, pattern=args.pattern, batch_size=args.batch_size,
+                  on_error=args.on_error, dtype=args.dtype, device=args.device, mode=args.mode,
+                  autocast=args.autocast, progress=not args.no_progress)
         if args.command == "reference":
-            folder = pipeline.run_reference(args.model, args.manifest, args.run, **kw)
+            folder = capture.run_reference(args.model, args.manifest, args.run, **kw)
             print(f"reference written to {folder.reference_path}")
         else:
-            folder = pipeline.run_extract(args.model, args.manifest, args.run, args.name, backend=args.backend, **kw)
+            folder = capture.run_extract(args.model, args.manifest, args.run, args.name, backend=args.backend, **kw)
             print(f"statistics of set '{args.name}' in {folder.path}/stats/{args.name}")
-    except (ManifestError, ValueError) as exc:
-        print(f"gradaudit {args.command}: {exc}", file=sys.stderr)
+    except (GradAuditError, ValueError) as exc:  # ValueError: a bad argument caught deep in the library
+        print(f"gradaudit {args.command}: {exc}{_advice(exc, args)}", file=sys.stderr)
         return 2
     return 0
 
 
-def _analysis_step(args, audit_module) -> int:
-    from gradaudit.report import verdict
+def _advice(exc: Exception, args) -> str:
+    """What to do about a library error, in terms of this command line."""
+    run = getattr(args, "run", None) or "RUN"
+    if isinstance(exc, ManifestError):
+        how = ('on_error = "skip" in [options]' if args.command == "audit" else "--on-error skip")
+        return f"\nFix those lines, or leave them out with a record: {how}."
+    if isinstance(exc, StageMissing):
+        return {"reference": f"\nRun `gradaudit reference --model MODEL --manifest MEMBERS --run {run}` first "
+                             "(or `gradaudit audit CONFIG`).",
+                "extract": f"\nRun `gradaudit extract --model MODEL --manifest PAIRS --run {run} "
+                           f"--set {exc.set_name}` first.",
+                "fit": f"\nRun `gradaudit fit --run {run}` first."}[exc.stage]
+    if isinstance(exc, RunMismatch):
+        return "\nUse a new run folder (or a new set name), or the model, selection and manifests it was made with."
+    if isinstance(exc, LabelsMissing):
+        return "\nGive every pair of that set a label (1 member, 0 non-member) in its manifest, or use `gradaudit score`."
+    if isinstance(exc, ModelError):
+        return "\n`gradaudit layers MODEL --preset … --pattern …` shows what a selection picks."
+    if isinstance(exc, ConfigError) and args.command == "audit":
+        return "\nSee `gradaudit audit --help` for the configuration's keys."
+    return ""
 
-    state = audit_module.fit(args.run, args.method, args.folds)
+
+def _analysis_step(args, workflow) -> int:
+    from gradaudit.audit import per_pair
+    from gradaudit.audit.claims import verdict
+    from gradaudit.store import RunFolder
+
+    fitted = workflow.fit(args.run, args.method, args.folds)
+    folder = RunFolder(args.run)
     if args.command == "fit":
-        for name, e in sorted(state["summary"]["cross_validated"].items(), key=lambda kv: -kv[1]["auroc"]):
-            print(f"{name:14s} cross-validated AUROC {e['auroc']:.3f}")
-        print(f"chosen: {state['summary']['method']} (written to {args.run}/fit.json)")
+        for name, e in sorted(fitted.estimates.items(), key=lambda kv: -kv[1].auroc):
+            print(f"{name:14s} cross-validated AUROC {e.auroc:.3f}")
+        print(f"chosen: {fitted.method} (the fit is stored in {args.run}/fit)")
         return 0
-    scored = audit_module.score(args.run, args.name, state=state)
-    labels = scored["data"]["labels"]
-    labelled = all(label is not None for label in labels) and len(set(labels)) == 2
-    if args.command == "evaluate" or (args.command == "report" and labelled):
-        audit_module.evaluate(scored)
+    scored = workflow.score(args.run, args.name, fitted)
     if args.command == "score":
-        print(f"scores of set '{args.name}': {args.run}/pairs.csv")
-    else:
-        path = audit_module.write_outputs(scored)
-        print(verdict(scored["result"]))
-        print(f"metrics: {args.run}/metrics.json  report: {path}")
+        print(f"scores of set '{args.name}': {workflow.write_pairs_csv(args.run, scored)}")
+        return 0
+    evaluation = per_pair.evaluate(scored) if args.command == "evaluate" or scored.labelled else None
+    result = workflow.write_outputs(args.run, fitted, scored, evaluation)
+    print(verdict(result))
+    print(f"metrics: {folder.metrics_path(args.name)}  report: {folder.report_path(args.name)}")
     return 0
 
 

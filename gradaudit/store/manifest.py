@@ -1,0 +1,144 @@
+"""Audited pairs in: the JSONL manifest (docs/data-and-runs.md), checked line by line before any work.
+
+One pair a line: ``{"id", "image" (a path relative to the manifest), "prompt" (optional), "text"}``
+and an optional ``"label"`` (1 member, 0 non-member). Every problem is reported with its manifest line;
+the caller chooses to skip bad lines (keeping a record) or to stop before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+from gradaudit.errors import ConfigError, ManifestError
+
+DEFAULT_PROMPT = "Describe the image."
+
+
+@dataclass(frozen=True)
+class Pair:
+    id: str
+    image: str  # absolute path
+    text: str
+    prompt: str = DEFAULT_PROMPT
+    label: int | None = None
+    line: int = 0  # 1-based line of the manifest
+
+    def load_image(self) -> Image.Image:
+        with Image.open(self.image) as im:
+            return im.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Problem:
+    line: int
+    id: str | None
+    reason: str
+
+    def __str__(self):
+        who = f" (id {self.id!r})" if self.id is not None else ""
+        return f"line {self.line}{who}: {self.reason}"
+
+
+def _check_line(raw: str, line: int, root: str, seen: set[str]) -> tuple[Pair | None, Problem | None]:
+    try:
+        rec = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return None, Problem(line, None, f"not valid JSON ({exc.msg} at column {exc.colno})")
+    if not isinstance(rec, dict):
+        return None, Problem(line, None, "not a JSON object")
+    pid = rec.get("id")
+    if not isinstance(pid, (str, int)) or str(pid) == "":
+        return None, Problem(line, None, 'missing "id" (a non-empty string)')
+    pid = str(pid)
+    if pid in seen:
+        return None, Problem(line, pid, "duplicate id (an earlier line has it)")
+    text, image = rec.get("text"), rec.get("image")
+    if not isinstance(text, str) or not text.strip():
+        return None, Problem(line, pid, 'empty or missing "text"')
+    if not isinstance(image, str) or not image:
+        return None, Problem(line, pid, 'missing "image" (a path relative to the manifest)')
+    path = os.path.normpath(os.path.join(root, image))
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except FileNotFoundError:
+        return None, Problem(line, pid, f"image not found: {path}")
+    except Exception as exc:  # PIL raises many types for a broken file
+        return None, Problem(line, pid, f"image unreadable: {path} ({type(exc).__name__}: {exc})")
+    prompt = rec.get("prompt", DEFAULT_PROMPT)
+    if not isinstance(prompt, str):
+        return None, Problem(line, pid, '"prompt" must be a string')
+    label = rec.get("label")
+    if label not in (None, 0, 1, True, False):
+        return None, Problem(line, pid, '"label" must be 1 (member), 0 (non-member) or absent')
+    return Pair(pid, path, text, prompt or DEFAULT_PROMPT, None if label is None else int(label), line), None
+
+
+def read_manifest(path: str, on_error: str = "stop") -> tuple[list[Pair], list[Problem]]:
+    """Reads and checks a manifest. ``on_error``: "stop" raises :class:`ManifestError` listing every bad
+    line; "skip" leaves them out. Returns (pairs, problems)."""
+    if on_error not in ("stop", "skip"):
+        raise ConfigError(f"on_error must be 'stop' or 'skip'; got {on_error!r}")
+    root = os.path.dirname(os.path.abspath(path))
+    pairs, problems, seen = [], [], set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the manifest {path}: {exc}") from exc
+    for i, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        pair, problem = _check_line(raw, i, root, seen)
+        if problem is not None:
+            problems.append(problem)
+        else:
+            seen.add(pair.id)
+            pairs.append(pair)
+    if problems and on_error == "stop":
+        raise ManifestError(path, problems)
+    if not pairs:
+        raise ConfigError(f"{path}: no usable pair ({len(problems)} bad line(s))")
+    return pairs, problems
+
+
+def problems_as_records(problems: list[Problem]) -> list[dict]:
+    return [asdict(p) for p in problems]
+
+
+def batches_by_length(pairs: list[Pair], batch_size: int, length=lambda p: len(p.prompt) + len(p.text)):
+    """Batches of pairs of similar length (less padding), each batch in manifest order inside."""
+    order = sorted(range(len(pairs)), key=lambda i: (length(pairs[i]), i))
+    for start in range(0, len(order), batch_size):
+        yield [pairs[i] for i in sorted(order[start : start + batch_size])]
+
+
+def write_pairs(path: str, pairs: list[Pair], labels: list[int] | None = None, texts: list[str] | None = None,
+                id_suffix: str = "") -> str:
+    """Writes ``pairs`` as a manifest (absolute image paths, so it can live anywhere), optionally with
+    labels, replaced texts and a suffix on every id; returns ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i, p in enumerate(pairs):
+            rec = {"id": p.id + id_suffix, "image": p.image, "prompt": p.prompt,
+                   "text": p.text if texts is None else texts[i]}
+            if labels is not None:
+                rec["label"] = labels[i]
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+def shuffled_texts(pairs: list[Pair], seed: int = 0) -> list[str]:
+    """Each pair's text replaced by another pair's (a random cyclic derangement): the association test's
+    negatives — the same images with texts of the same collection, only not their own."""
+    if len(pairs) < 2:
+        raise ValueError("shuffling texts needs at least 2 pairs")
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    source = np.empty(len(pairs), dtype=int)
+    source[order] = np.roll(order, -1)  # along a random cycle every pair takes the next one's text
+    return [pairs[j].text for j in source]

@@ -1,0 +1,309 @@
+"""A run folder keeps one audit's results as they are produced (docs/data-and-runs.md): safetensors,
+JSON and CSV only. It owns every path inside it:
+
+    fingerprint.json                 model configuration and weights hashes, the selected weights
+    reference.safetensors            R sums per weight (fp32), with the ids and N in its metadata
+    reference_norms.safetensors      R's squared row and column norms per weight, once R is complete
+    stats/<set>/chunk-000000.safetensors   per-sample statistics of one batch, ids in the metadata
+    skipped/<set>.jsonl              manifest lines left out, with the reason
+    manifests/<name>.jsonl           manifests the audit derives (the split of the reference members,
+                                     the association test's shuffled pairs)
+    fit/summary.json, fit/models.safetensors   the cross-validated fit, stored once and reused
+    results/<set>/pairs.csv, metrics.json, report.html, figures/*.png   what scoring a set writes
+
+Every file is written to a temporary name and renamed, so a crash loses at most the batch in flight,
+and rerunning continues from what is there without duplicating a sample.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import numpy as safetensors_numpy
+from safetensors.torch import load_file, safe_open, save_file
+
+from gradaudit.errors import ConfigError, RunMismatch, StageMissing
+from gradaudit.schema import STAT_KEYS
+
+
+def _text(text: str):
+    return lambda path: Path(path).write_text(text)
+
+
+def _atomic(path: str, write) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _plain_name(kind: str, name: str) -> str:
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"a {kind} needs a plain name (no '/', not starting with '.'); got {name!r}")
+    return name
+
+
+@dataclass
+class StoredSet:
+    """One statistics set as plain arrays, in stored order: the pairs' ``ids``, ``texts`` and ``labels``
+    (None where the manifest had none); ``stats[key][weight]`` (n, d) float64 for key in
+    ``schema.STAT_KEYS``; R's squared slice norms ``ref_row_sq[weight]`` (d_out,), ``ref_col_sq[weight]``
+    (d_in,); ``n_ref`` the members that built R and ``in_ref`` (n,) which of these pairs were among them;
+    ``loss`` (n,), ``tokens`` (N_text, 8) in the order of ``schema.TOKEN_FIELDS`` with ``token_offsets``
+    (n+1,)."""
+
+    ids: list[str]
+    texts: list[str]
+    labels: list
+    weights: list[str]
+    stats: dict[str, dict[str, np.ndarray]]
+    ref_row_sq: dict[str, np.ndarray]
+    ref_col_sq: dict[str, np.ndarray]
+    n_ref: int
+    in_ref: np.ndarray
+    loss: np.ndarray
+    tokens: np.ndarray
+    token_offsets: np.ndarray
+
+
+class RunFolder:
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(path, exist_ok=True)
+
+    def _file(self, *parts: str) -> str:
+        return os.path.join(self.path, *parts)
+
+    # fingerprint ---------------------------------------------------------------------------------
+    @property
+    def fingerprint_path(self) -> str:
+        return self._file("fingerprint.json")
+
+    def bind(self, fingerprint: dict) -> None:
+        """Records the fingerprint, or checks it against the one recorded; says what differs."""
+        path = self.fingerprint_path
+        if not os.path.exists(path):
+            _atomic(path, _text(json.dumps(fingerprint, indent=1)))
+            return
+        stored = self.fingerprint()
+        keys = ("config_sha256", "weights_sha256", "adapter_sha256", "targets", "mode", "autocast")
+        differs = [k for k in keys if stored.get(k) != fingerprint.get(k)]
+        if differs:
+            what = {"config_sha256": "the model's configuration", "weights_sha256": "the model's weights",
+                    "adapter_sha256": "the adapter", "targets": "the selected weights (preset or pattern)",
+                    "mode": "the mode (eval or train)", "autocast": "the autocast setting"}
+            raise RunMismatch(f"{self.path} holds results of another run: "
+                              f"{', '.join(what[k] for k in differs)} differ(s)")
+
+    def fingerprint(self) -> dict:
+        if not os.path.exists(self.fingerprint_path):
+            raise StageMissing(self.path, "reference", "nothing was captured into this run folder yet")
+        with open(self.fingerprint_path) as f:
+            return json.load(f)
+
+    # reference -----------------------------------------------------------------------------------
+    @property
+    def reference_path(self) -> str:
+        return self._file("reference.safetensors")
+
+    @property
+    def reference_norms_path(self) -> str:
+        return self._file("reference_norms.safetensors")
+
+    def _reference_incomplete(self) -> StageMissing:
+        return StageMissing(self.path, "reference", "the reference pass has not finished")
+
+    def save_reference(self, sums: dict[str, torch.Tensor], ids: list[str], complete: bool) -> None:
+        """R's sums over the ids so far; once complete, also R's squared row and column norms
+        ("<weight>|row_sq", "<weight>|col_sq"), which cosines and leave-one-out need."""
+        meta = {"ids": json.dumps(ids), "n": str(len(ids)), "complete": json.dumps(complete)}
+        tensors = {k: v.contiguous().cpu() for k, v in sums.items()}
+        if complete:
+            norms = {}
+            for name, total in tensors.items():
+                r_sq = (total.double() / len(ids)) ** 2
+                norms[f"{name}|row_sq"], norms[f"{name}|col_sq"] = r_sq.sum(1).float(), r_sq.sum(0).float()
+            _atomic(self.reference_norms_path, lambda p: save_file(norms, p, metadata={"n": str(len(ids))}))
+        _atomic(self.reference_path, lambda p: save_file(tensors, p, metadata=meta))
+
+    def reference_norms(self) -> dict[str, torch.Tensor]:
+        """R's squared row and column norms per weight, written when the reference pass completed."""
+        if not os.path.exists(self.reference_norms_path):
+            raise self._reference_incomplete()
+        return load_file(self.reference_norms_path)
+
+    def load_reference(self) -> tuple[dict[str, torch.Tensor], list[str], bool]:
+        """(sums, ids, complete); empty when nothing is stored yet."""
+        if not os.path.exists(self.reference_path):
+            return {}, [], False
+        with safe_open(self.reference_path, "pt") as f:
+            meta = f.metadata()
+        return load_file(self.reference_path), json.loads(meta["ids"]), json.loads(meta["complete"])
+
+    def reference(self) -> tuple[dict[str, torch.Tensor], int, str]:
+        """R = sums / N for each weight, N, and the file's hash (that statistics record)."""
+        sums, ids, complete = self.load_reference()
+        if not complete:
+            raise self._reference_incomplete()
+        with open(self.reference_path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        return {k: v / len(ids) for k, v in sums.items()}, len(ids), digest
+
+    # statistics ----------------------------------------------------------------------------------
+    def _stats_dir(self, name: str) -> str:
+        return self._file("stats", _plain_name("statistics set", name))
+
+    def _chunks(self, name: str) -> list[str]:
+        return sorted(glob.glob(os.path.join(self._stats_dir(name), "chunk-*.safetensors")))
+
+    def has_set(self, name: str) -> bool:
+        return bool(self._chunks(name))
+
+    def done_ids(self, name: str, ref_sha: str) -> set[str]:
+        """Ids already stored for set ``name``; refuses chunks made against another R."""
+        done = set()
+        for path in self._chunks(name):
+            with safe_open(path, "pt") as f:
+                meta = f.metadata()
+            if meta["reference_sha256"] != ref_sha:
+                raise RunMismatch(f"{path} was computed against another reference R; use a new set name")
+            done.update(json.loads(meta["ids"]))
+        return done
+
+    def save_chunk(self, name: str, pairs: list, tensors: dict[str, torch.Tensor], ref_sha: str) -> str:
+        """Stores one batch of ``pairs`` (manifest.Pair): ``tensors`` holds per weight
+        "<weight>|<stat>" (B, d); "loss" (B,); "tokens" (N_text, 8) with "token_offsets" (B+1,) (the
+        fields of schema.TOKEN_FIELDS). The pairs' ids, texts and labels go in the metadata, so that
+        later steps need only the run folder."""
+        folder = self._stats_dir(name)
+        index = len(self._chunks(name))
+        path = os.path.join(folder, f"chunk-{index:06d}.safetensors")
+        meta = {"ids": json.dumps([p.id for p in pairs]), "reference_sha256": ref_sha,
+                "texts": json.dumps([p.text for p in pairs]), "labels": json.dumps([p.label for p in pairs])}
+        stored = {k: v.cpu().contiguous() for k, v in tensors.items()}
+        return _atomic(path, lambda p: save_file(stored, p, metadata=meta))
+
+    def load_stats(self, name: str) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """All chunks of a set concatenated: ids, and {"<weight>|<stat>", "loss", "tokens": (n, …),
+        "token_offsets": (n+1,)}."""
+        ids, parts, offsets = [], {}, [torch.zeros(1, dtype=torch.int64)]
+        for path in self._chunks(name):
+            with safe_open(path, "pt") as f:
+                ids += json.loads(f.metadata()["ids"])
+            chunk = load_file(path)
+            offsets.append(chunk.pop("token_offsets")[1:] + offsets[-1][-1])
+            for k, v in chunk.items():
+                parts.setdefault(k, []).append(v)
+        out = {k: torch.cat(v) for k, v in parts.items()}
+        out["token_offsets"] = torch.cat(offsets)
+        return ids, out
+
+    def pair_info(self, name: str) -> tuple[list[str], list[str], list]:
+        """(ids, texts, labels) of set ``name`` in stored order; a label is None where the manifest had none."""
+        ids, texts, labels = [], [], []
+        for path in self._chunks(name):
+            with safe_open(path, "pt") as f:
+                meta = f.metadata()
+            ids += json.loads(meta["ids"])
+            texts += json.loads(meta["texts"])
+            labels += json.loads(meta["labels"])
+        return ids, texts, labels
+
+    def stored_set(self, name: str) -> StoredSet:
+        """Set ``name`` with R's norms and which pairs built R, as plain arrays."""
+        _, ref_ids, complete = self.load_reference()
+        if not complete:
+            raise self._reference_incomplete()
+        norms = self.reference_norms()
+        ids, stats = self.load_stats(name)
+        if not ids:
+            raise StageMissing(self.path, "extract", f"no statistics stored for set {name!r}", set_name=name)
+        info_ids, texts, labels = self.pair_info(name)
+        if info_ids != ids:
+            raise RunMismatch(f"{self.path}: set {name!r} has inconsistent chunks; extract it again into a new set")
+        weights = sorted({k.split("|")[0] for k in stats if "|" in k})
+        members = set(ref_ids)
+        return StoredSet(
+            ids=ids, texts=texts, labels=labels, weights=weights,
+            stats={key: {w: stats[f"{w}|{key}"].double().numpy() for w in weights} for key in STAT_KEYS},
+            ref_row_sq={w: norms[f"{w}|row_sq"].double().numpy() for w in weights},
+            ref_col_sq={w: norms[f"{w}|col_sq"].double().numpy() for w in weights},
+            n_ref=len(ref_ids), in_ref=np.array([i in members for i in ids]),
+            loss=stats["loss"].numpy(), tokens=stats["tokens"].numpy(), token_offsets=stats["token_offsets"].numpy())
+
+    def record_skipped(self, name: str, records: list[dict]) -> None:
+        if records:
+            path = self._file("skipped", f"{_plain_name('set', name)}.jsonl")
+            _atomic(path, _text("".join(json.dumps(r) + "\n" for r in records)))
+
+    # manifests the audit derives -----------------------------------------------------------------
+    def manifest_path(self, name: str) -> str:
+        """Where a manifest the audit derives is kept (the caller writes it)."""
+        path = self._file("manifests", f"{_plain_name('manifest', name)}.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+    # the fit ---------------------------------------------------------------------------------------
+    def save_fit(self, summary: dict, arrays: dict[str, np.ndarray]) -> None:
+        """The fit: a JSON summary (its structure included) and its fitted arrays."""
+        _atomic(self._file("fit", "models.safetensors"),
+                lambda p: safetensors_numpy.save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, p))
+        _atomic(self._file("fit", "summary.json"), _text(json.dumps(summary, indent=1)))
+
+    def has_fit(self) -> bool:
+        return os.path.exists(self._file("fit", "summary.json"))
+
+    def load_fit(self) -> tuple[dict, dict[str, np.ndarray]]:
+        if not self.has_fit():
+            raise StageMissing(self.path, "fit", "no fit is stored")
+        with open(self._file("fit", "summary.json")) as f:
+            summary = json.load(f)
+        return summary, safetensors_numpy.load_file(self._file("fit", "models.safetensors"))
+
+    # results per set -------------------------------------------------------------------------------
+    def results_dir(self, name: str) -> str:
+        path = self._file("results", _plain_name("set", name))
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def figure_path(self, name: str, figure: str) -> str:
+        path = os.path.join(self.results_dir(name), "figures", f"{figure}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+    def pairs_csv_path(self, name: str) -> str:
+        return os.path.join(self.results_dir(name), "pairs.csv")
+
+    def metrics_path(self, name: str) -> str:
+        return os.path.join(self.results_dir(name), "metrics.json")
+
+    def report_path(self, name: str) -> str:
+        return os.path.join(self.results_dir(name), "report.html")
+
+    def write_pairs_csv(self, name: str, header: list[str], rows: list[list]) -> str:
+        def write(path):
+            with open(path, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(header)
+                w.writerows(rows)
+
+        return _atomic(self.pairs_csv_path(name), write)
+
+    def write_metrics(self, name: str, metrics: dict) -> str:
+        return _atomic(self.metrics_path(name), _text(json.dumps(metrics, indent=1, default=float)))
+
+    def read_metrics(self, name: str) -> dict:
+        with open(self.metrics_path(name)) as f:
+            return json.load(f)
+
+    def write_report(self, name: str, page: str) -> str:
+        return _atomic(self.report_path(name), _text(page))

@@ -1,0 +1,164 @@
+"""`gradaudit audit CONFIG` end to end on a tiny LLaVA: the outputs' content, not just their presence."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from gradaudit.cli import main
+from gradaudit.toy.tiny import random_images, tiny_llava
+
+WORDS = ["red", "blue", "green", "small", "large", "square", "circle", "dot", "left", "right", "top", "noise"]
+
+
+@pytest.fixture(scope="module")
+def audit_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit")
+    model, processor = tiny_llava(seed=0)
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    (root / "img").mkdir()
+    images = random_images(40, seed=7)
+    for i, im in enumerate(images):
+        im.save(root / "img" / f"{i}.png")
+
+    def text(i):
+        return " ".join(WORDS[(i * k + 3) % len(WORDS)] for k in range(1, 6))
+
+    def manifest(name, idx, label=None):
+        lines = []
+        for i in idx:
+            rec = {"id": f"p{i}", "image": f"img/{i}.png", "text": text(i)}
+            if label is not None:
+                rec["label"] = label(i)
+            lines.append(json.dumps(rec))
+        (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+
+    manifest("ref_members", range(0, 12))
+    manifest("ref_nonmembers", range(12, 24))
+    manifest("probes", list(range(0, 6)) + list(range(24, 34)), label=lambda i: int(i < 12))
+    (root / "audit.toml").write_text(
+        'model = "model"\nrun = "run"\npreset = "paper"\n[data]\nreference_members = "ref_members.jsonl"\n'
+        'reference_nonmembers = "ref_nonmembers.jsonl"\nprobes = "probes.jsonl"\n[options]\nbatch_size = 6\n')
+    return root
+
+
+def test_audit_writes_what_an_auditor_reads(audit_dir, capsys):
+    assert main(["audit", str(audit_dir / "audit.toml"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "training pairs" in out and "report.html" in out
+    run = audit_dir / "run"
+    out_dir = run / "results" / "probes"
+    m = json.loads((out_dir / "metrics.json").read_text())
+    assert m["method"] in m["cross_validated"] and "paper" in m["cross_validated"]
+    assert set(m["cross_validated"]) == {"paper", "loo", "signed", "head-cosine", "head-lognorm", "head-both", "combined"}
+    assert {"loss", "zlib", "min_k", "min_k_plus_plus", "gradient_norm"} <= set(m["cross_validated_baselines"])
+    assert 0 <= m["exposure"]["estimate"] <= 1 and m["exposure"]["ci"][0] <= m["exposure"]["ci"][1]
+    assert 0 <= m["collection_test"]["p_value"] <= 1 and m["probes"] == 16
+    ev = m["evaluation"]
+    assert 0 <= ev["gradaudit"]["auroc"] <= 1 and ev["gradaudit"]["tpr_at_0.01_fpr"] is None  # 10 negatives
+    assert m["true_member_share"] == pytest.approx(6 / 16)
+    assert ev["roc"]["gradaudit"]["fpr"][0] == 0 and ev["roc"]["gradaudit"]["tpr"][-1] == 1
+    rows = list(csv.DictReader(open(out_dir / "pairs.csv")))
+    assert len(rows) == 16 and {r["verdict"] for r in rows} <= {"member", "non-member"}
+    assert all(0 <= float(r["probability"]) <= 1 for r in rows) and "min_k_plus_plus" in rows[0]
+    page = (out_dir / "report.html").read_text()
+    assert "GradAudit report" in page and "training pairs" in page and page.count("data:image/png;base64,") == 5
+    assert sorted(os.listdir(out_dir / "figures")) == ["comparison.png", "mask.png", "reliability.png", "roc.png", "scores.png"]
+
+
+def test_audit_config_errors(tmp_path, capsys):
+    bad = tmp_path / "a.toml"
+    bad.write_text('model = "m"\n[data]\nprobes = "p.jsonl"\n')
+    assert main(["audit", str(bad)]) == 2
+    assert "missing run, data.reference_members" in capsys.readouterr().err
+
+
+def test_step_commands_from_the_run_folder(audit_dir, capsys):
+    """fit, score, evaluate and report work from the run folder alone, reuse the stored fit, agree with one
+    another, and keep each set's outputs apart."""
+    run = audit_dir / "run"
+    if not (run / "stats" / "probes").exists():
+        assert main(["audit", str(audit_dir / "audit.toml"), "--no-progress"]) == 0
+    quick = ["--run", str(run), "--folds", "3"]
+    assert main(["fit", *quick]) == 0
+    stored = json.loads((run / "fit" / "summary.json").read_text())
+    chosen = stored["summary"]["method"]
+    assert f"chosen: {chosen}" in capsys.readouterr().out and stored["request"]["folds"] == 3
+    models = run / "fit" / "models.safetensors"
+    written = models.stat().st_mtime_ns
+    out_dir = run / "results" / "probes"
+    os.remove(out_dir / "pairs.csv")
+    assert main(["score", *quick, "--set", "probes"]) == 0
+    assert len(list(csv.DictReader(open(out_dir / "pairs.csv")))) == 16
+    assert models.stat().st_mtime_ns == written  # the stored fit was reused, not refitted
+    assert main(["evaluate", *quick, "--set", "probes"]) == 0
+    evaluated = json.loads((out_dir / "metrics.json").read_text())
+    assert evaluated["method"] == chosen and 0 <= evaluated["evaluation"]["expected_calibration_error"] <= 1
+    assert main(["evaluate", *quick, "--set", "reference_nonmembers"]) == 2  # unlabelled
+    err = capsys.readouterr().err
+    assert "needs a 0/1 label" in err and "Give every pair of that set a label" in err
+    assert main(["report", *quick, "--set", "reference_nonmembers"]) == 0  # unlabelled: no evaluation
+    other = json.loads((run / "results" / "reference_nonmembers" / "metrics.json").read_text())
+    assert other["set"] == "reference_nonmembers" and "evaluation" not in other
+    (out_dir / "report.html").unlink()
+    assert main(["report", *quick, "--set", "probes"]) == 0 and (out_dir / "report.html").exists()
+    reported = json.loads((out_dir / "metrics.json").read_text())
+    assert reported["evaluation"]["gradaudit"]["auroc"] == evaluated["evaluation"]["gradaudit"]["auroc"]
+    assert main(["fit", "--run", str(run), "--folds", "4"]) == 0  # another request: refitted and stored
+    assert json.loads((run / "fit" / "summary.json").read_text())["request"]["folds"] == 4
+
+
+def test_stored_fit_scores_as_the_fresh_one(audit_dir):
+    """The fit restored from the run folder gives bit-identical scores to the fit it was stored from."""
+    from gradaudit import workflow
+
+    run = str(audit_dir / "run")
+    if not (audit_dir / "run" / "stats" / "probes").exists():
+        assert main(["audit", str(audit_dir / "audit.toml"), "--no-progress"]) == 0
+    fresh = workflow.fit_sets(run)
+    meta, arrays = fresh.export()
+    from gradaudit.audit.per_pair import Fit
+
+    restored = Fit.restore(meta, arrays)
+    probes = workflow.load_set(run, "probes")
+    for name in fresh.estimates:
+        position = np.full(len(probes.ids), -1)
+        want = fresh.estimates[name].score_probes(probes.pairs, position)
+        got = restored.estimates[name].score_probes(workflow.load_set(run, "probes").pairs, position)
+        assert np.array_equal(want, got), name
+    assert restored.summary() == fresh.summary()
+    assert np.array_equal(restored.paper.delta_, fresh.paper.delta_) and restored.paper.kept_ == fresh.paper.kept_
+
+
+def test_verdict_reads_weak_when_the_interval_is_wide():
+    from gradaudit.audit.claims import verdict
+
+    result = {"collection_test": {"p_value": 0.3}, "exposure": {"estimate": 0.2, "ci": [0.0, 0.9]}, "method": "loo",
+              "reference": {"members": 12, "nonmembers": 12},
+              "cross_validated": {"loo": {"auroc": 0.79, "auroc_ci": [0.52, 0.97]}},
+              "cross_validated_baselines": {"loss": 0.55}}
+    text = verdict(result)
+    assert "No evidence" in text and "not distinguishable from chance" in text and "0.52–0.97" in text
+    result["cross_validated"]["loo"]["auroc_ci"] = [0.85, 0.95]
+    result["collection_test"]["p_value"] = 0.001
+    assert "Evidence that" in verdict(result) and "strong" in verdict(result)
+    result["cross_validated"]["loo"]["auroc_ci"] = [0.44, 0.63]  # a test result without a signal to stand on
+    text = verdict(result)
+    assert text.startswith("No conclusion") and "p = 0.001" in text and "Evidence that" not in text
+
+
+def test_leave_one_out_protocol_remains_an_option(audit_dir):
+    """split_reference = false: every reference member builds R and is scored leave-one-out."""
+    config = audit_dir / "audit_loo.toml"
+    config.write_text((audit_dir / "audit.toml").read_text().replace('run = "run"', 'run = "run_loo"')
+                      + "split_reference = false\nmethod = \"loo\"\n")
+    assert main(["audit", str(config), "--no-progress"]) == 0
+    m = json.loads((audit_dir / "run_loo" / "results" / "probes" / "metrics.json").read_text())
+    assert m["reference"]["members"] == 12 and m["reference"]["members_in_r"] == 12 and m["method"] == "loo"
+    if not (audit_dir / "run" / "results" / "probes" / "metrics.json").exists():
+        assert main(["audit", str(audit_dir / "audit.toml"), "--no-progress"]) == 0
+    split = json.loads((audit_dir / "run" / "results" / "probes" / "metrics.json").read_text())
+    assert split["reference"]["members_in_r"] == 0 and split["reference"]["r_builders"] == 6

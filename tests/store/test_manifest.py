@@ -1,0 +1,68 @@
+"""Manifest reading: every bad line reported with its number and the policy taken."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from gradaudit.store.manifest import ManifestError, batches_by_length, read_manifest
+
+
+def _write(tmp_path, records):
+    img = tmp_path / "imgs"
+    img.mkdir(exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(img / "ok.png")
+    (img / "broken.png").write_bytes(b"not a png at all")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+    return path
+
+
+GOOD = {"id": "a", "image": "imgs/ok.png", "text": "a red square", "label": 1}
+
+
+def test_good_manifest(tmp_path):
+    path = _write(tmp_path, [GOOD, {"id": 7, "image": "imgs/ok.png", "prompt": "Caption:", "text": "x"}])
+    pairs, problems = read_manifest(str(path))
+    assert problems == [] and [p.id for p in pairs] == ["a", "7"]
+    assert pairs[0].label == 1 and pairs[1].label is None and pairs[1].prompt == "Caption:"
+    assert pairs[0].line == 1 and pairs[0].load_image().size == (8, 8)
+
+
+BAD = [
+    ("{not json", None, "not valid JSON"),
+    ({"image": "imgs/ok.png", "text": "t"}, None, 'missing "id"'),
+    ({"id": "a", "image": "imgs/ok.png", "text": "dup"}, "a", "duplicate id"),
+    ({"id": "b", "image": "imgs/ok.png", "text": "   "}, "b", 'empty or missing "text"'),
+    ({"id": "c", "image": "imgs/missing.png", "text": "t"}, "c", "image not found"),
+    ({"id": "d", "image": "imgs/broken.png", "text": "t"}, "d", "image unreadable"),
+    ({"id": "e", "image": "imgs/ok.png", "text": "t", "label": 3}, "e", '"label" must be'),
+]
+
+
+@pytest.mark.parametrize("record,pid,reason", BAD)
+def test_each_bad_line_is_named(tmp_path, record, pid, reason):
+    path = _write(tmp_path, [GOOD, record])
+    with pytest.raises(ManifestError, match="line 2") as info:
+        read_manifest(str(path))
+    (problem,) = info.value.problems
+    assert problem.line == 2 and problem.id == pid and reason in problem.reason
+    pairs, problems = read_manifest(str(path), on_error="skip")
+    assert [p.id for p in pairs] == ["a"] and len(problems) == 1
+
+
+def test_nothing_usable_or_unreadable_manifest(tmp_path):
+    with pytest.raises(ValueError, match="no usable pair"):
+        read_manifest(str(_write(tmp_path, ["{broken"])), on_error="skip")
+    with pytest.raises(ValueError, match="cannot read the manifest"):
+        read_manifest(str(tmp_path / "absent.jsonl"))
+
+
+def test_batches_by_length_cover_every_pair_once(tmp_path):
+    records = [dict(GOOD, id=str(i), text="w" * (i * 7 % 11 + 1)) for i in range(10)]
+    pairs, _ = read_manifest(str(_write(tmp_path, records)))
+    batches = list(batches_by_length(pairs, 3))
+    assert sorted(p.id for b in batches for p in b) == sorted(p.id for p in pairs)
+    assert all(len(b) <= 3 for b in batches)
+    spans = [max(len(p.text) for p in b) - min(len(p.text) for p in b) for b in batches]
+    assert max(spans) <= 4  # similar lengths together
