@@ -1,4 +1,4 @@
-"""GPU benchmark of slice_stats against every plain-PyTorch baseline of DESIGN.md §3, in one run.
+"""GPU benchmark of slice_stats against every plain-PyTorch baseline of docs/kernels.md, in one run.
 
 For each grid point (bf16, B samples of T tokens, d_in × d_out, with/without R) it times, with
 ``triton.testing.do_bench`` (median):
