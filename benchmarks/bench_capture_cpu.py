@@ -17,8 +17,10 @@ import time
 import torch
 
 from gradaudit.capture import batch_stats, per_sample_text_loss, reference_sums
-from gradaudit.models import batch_layout, encode_pairs, freeze, select_targets
+from gradaudit.models import PromptFormat, batch_layout, encode_pairs, freeze, select_targets
 from gradaudit.toy.tiny import random_images, tiny_llava
+
+CHAT = PromptFormat("chat-template")  # the tiny models' own format (their chat template)
 
 
 def paper_loop(model, processor, images, texts, targets, refs):
@@ -27,7 +29,7 @@ def paper_loop(model, processor, images, texts, targets, refs):
     model.requires_grad_(True)
     out = []
     for im, text in zip(images, texts):
-        batch = encode_pairs(model, processor, [im], ["Describe the image."], [text])
+        batch = encode_pairs(model, processor, [im], ["Describe the image."], [text], CHAT)
         labels = batch.pop("labels")
         model.zero_grad(set_to_none=True)
         per_sample_text_loss(model(**batch).logits, labels)[0].backward()
@@ -54,7 +56,7 @@ def main():
     batches = []
     for s in range(0, args.pairs, args.batch_size):
         b = encode_pairs(model, processor, images[s:s + args.batch_size], ["Describe the image."] * len(texts[s:s + args.batch_size]),
-                               texts[s:s + args.batch_size])
+                               texts[s:s + args.batch_size], CHAT)
         batches.append(b)
     n_text = int((batches[0]["labels"][0] != -100).sum())
     sums, n = reference_sums(model, [(b, batch_layout(model, b)) for b in batches[:1]], targets)
@@ -75,7 +77,7 @@ def main():
     t = time.perf_counter()
     for s in range(0, args.pairs, args.batch_size):
         encode_pairs(model, processor, images[s:s + args.batch_size], ["Describe the image."] * args.batch_size,
-                           texts[s:s + args.batch_size])
+                           texts[s:s + args.batch_size], CHAT)
     encode_s = time.perf_counter() - t
 
     res = dict(params=n_params, pairs=args.pairs, text_tokens=n_text, batch_size=args.batch_size,

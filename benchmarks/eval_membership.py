@@ -38,6 +38,7 @@ from gradaudit.audit.protocol import choose, cross_validate
 from gradaudit.capture import run_extract, run_reference
 from gradaudit.store import RunFolder, read_manifest, write_pairs
 from gradaudit.toy.corpora import KINDS
+from gradaudit.toy.models import FORMAT
 from gradaudit.toy.scenarios import REFERENCE_POOL, TRAININGS, audit_sets, train_model
 
 REFERENCE_SIZES = (25, 50, 100, 200)
@@ -54,7 +55,8 @@ def capture(root, model, corpus, size, preset, n_ref, n_probes, full, device, ba
     run = os.path.join(root, "eval", os.path.basename(model["adapter"] or model["model"]), f"{preset}-ref{n_ref}")
     iid = audit_sets(root, corpus, size, n_ref, n_probes, "iid")
     builders, fit_members = workflow.split_members(iid["reference_members"], run, "stop")
-    opts = dict(adapter=model["adapter"], preset=preset, batch_size=batch_size, device=device, progress=False)
+    opts = dict(adapter=model["adapter"], preset=preset, batch_size=batch_size, device=device, progress=False,
+                prompt_format=FORMAT.spec)
     run_reference(model["model"], builders, run, **opts)
     sets = {"r_builders": builders, "reference_members": fit_members,
             "reference_nonmembers": iid["reference_nonmembers"], "probes": iid["probes"]}

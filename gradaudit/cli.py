@@ -37,6 +37,10 @@ def _common(p: argparse.ArgumentParser, with_data: bool = True) -> None:
         p.add_argument("--mode", default="eval", choices=["eval", "train"],
                        help="train keeps dropout on (no leave-one-out features later)")
         p.add_argument("--autocast", choices=["bfloat16", "float16"], help="run the forward pass under autocast")
+        p.add_argument("--prompt-format", help="how a pair becomes the model's text, as it was trained: "
+                       "'chat-template' (the folder's), 'plain' (image, prompt, text) or a template such as "
+                       "'{image}Describe the card: {text}' (docs/data-and-runs.md); required unless the "
+                       "model's processor fixes it")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -58,6 +62,15 @@ def main(argv=None) -> int:
     _common(p)
     p.add_argument("--set", required=True, dest="name", help="name of the statistics set, e.g. audited")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p = sub.add_parser("formats", help="rank prompt formats by how well known members fit them (the training "
+                       "format fits best)", formatter_class=fmt)
+    p.add_argument("--model", required=True, help="local model folder (save_pretrained)")
+    p.add_argument("--adapter", help="PEFT LoRA adapter folder to load on top of the model")
+    p.add_argument("--manifest", required=True, help="JSONL file of known training pairs (members)")
+    p.add_argument("--prompt-format", action="append", dest="formats", default=[],
+                   help="a candidate format (repeatable); the folder's chat template and 'plain' are always tried")
+    p.add_argument("--limit", type=int, default=32, help="members to use (the first ones; default 32)")
+    p.add_argument("--device", default="cpu")
     from gradaudit import workflow
 
     p = sub.add_parser("audit", help="run a whole audit from a TOML file (resumable)",
@@ -87,6 +100,15 @@ def main(argv=None) -> int:
         if args.command == "layers":
             print(capture.selection_table(args.model, args.preset, args.pattern, args.adapter))
             return 0
+        if args.command == "formats":
+            from gradaudit.capture.format_check import format_table
+
+            fits = capture.check_formats(args.model, args.manifest, args.formats, adapter=args.adapter,
+                                         limit=args.limit, device=args.device)
+            print(f"mean text loss of the first {args.limit} pairs of {args.manifest} in each format "
+                  f"(lower fits better; the format the model was trained in fits its members best):")
+            print(format_table(fits))
+            return 0
         if args.command in ("fit", "score", "evaluate", "report"):
             return _analysis_step(args, workflow)
         if args.command == "audit":
@@ -101,7 +123,7 @@ def main(argv=None) -> int:
             return 0
         kw = dict(adapter=args.adapter, preset=args.preset, pattern=args.pattern, batch_size=args.batch_size,
                   on_error=args.on_error, dtype=args.dtype, device=args.device, mode=args.mode,
-                  autocast=args.autocast, progress=not args.no_progress)
+                  autocast=args.autocast, prompt_format=args.prompt_format, progress=not args.no_progress)
         if args.command == "reference":
             folder = capture.run_reference(args.model, args.manifest, args.run, **kw)
             print(f"reference written to {folder.reference_path}")

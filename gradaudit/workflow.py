@@ -21,6 +21,9 @@ sets it was made from are unchanged.
     batch_size = 8
     device = "cpu"
     on_error = "stop"                 # or "skip"
+    prompt_format = "chat-template"   # how the model saw pairs in training: "chat-template", "plain" or a
+                                      # template such as "{image}Describe the card: {text}" (required
+                                      # unless the model's processor fixes it; docs/data-and-runs.md)
 
 Paths are relative to the TOML file.
 """
@@ -148,7 +151,8 @@ def score(run: str, name: str, fitted: Fit) -> ScoredSet:
 def context(run: str) -> dict:
     """What metrics.json says of the model and run, from the run folder's fingerprint."""
     recorded = RunFolder(run).fingerprint()
-    return {"model": {k: recorded.get(k) for k in ("model", "model_type", "adapter", "config_sha256", "weights_sha256")},
+    keys = ("model", "model_type", "adapter", "config_sha256", "weights_sha256", "prompt_format")
+    return {"model": {k: recorded.get(k) for k in keys},
             "selection": len(recorded["targets"]), "run": run}
 
 

@@ -14,8 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from gradaudit.capture.engine import batch_stats, reference_sums
+from gradaudit.capture.format_check import candidates, format_table, rank_formats
 from gradaudit.errors import ConfigError, ManifestError, RunMismatch
-from gradaudit.models import batch_layout, encode_pairs, fingerprint, load_model, select_targets
+from gradaudit.models import batch_layout, encode_pairs, fingerprint, load_model, prompt_format, select_targets
 from gradaudit.store.manifest import Pair, Problem, batches_by_length, problems_as_records, read_manifest
 from gradaudit.store.runfolder import RunFolder
 
@@ -24,7 +25,8 @@ from gradaudit.store.runfolder import RunFolder
 class Options:
     """How a capture runs. ``mode`` "train" keeps dropout on (then no leave-one-out later: the
     statistics pass does not see the gradients that built R); ``autocast`` "bfloat16" runs the forward
-    under autocast. Both are part of the run's fingerprint."""
+    under autocast; ``prompt_format`` is how pairs become the model's text ("chat-template", "plain" or a
+    template: gradaudit.models.formats). All three are part of the run's fingerprint."""
 
     adapter: str | None = None
     preset: str = "paper"
@@ -36,6 +38,7 @@ class Options:
     backend: str = "auto"
     mode: str = "eval"
     autocast: str | None = None
+    prompt_format: str | None = None
     progress: bool = True
 
     @classmethod
@@ -60,14 +63,21 @@ def _setup(model_dir, run, opt: Options):
     model, processor = load_model(model_dir, adapter=opt.adapter, dtype=opt.dtype, device=opt.device)
     model.train(opt.mode == "train")
     targets = select_targets(model, opt.preset, opt.pattern)
+    fmt = prompt_format(model, processor, opt.prompt_format)
     folder = RunFolder(run)
     folder.bind(fingerprint(model, targets) | {"mode": opt.mode, "autocast": opt.autocast,  # compared
+                                               "prompt_format": fmt.spec,
                                                "model": os.path.abspath(model_dir),  # recorded only
                                                "model_type": model.config.model_type, "adapter": opt.adapter})
     return model, processor, targets, folder
 
 
-def _too_long(processor, model, pairs: list[Pair]) -> list[Problem]:
+def _encode(model, processor, pairs: list[Pair], opt: Options) -> dict:
+    return encode_pairs(model, processor, [p.load_image() for p in pairs], [p.prompt for p in pairs],
+                        [p.text for p in pairs], prompt_format(model, processor, opt.prompt_format))
+
+
+def _too_long(processor, model, pairs: list[Pair], opt: Options) -> list[Problem]:
     """Pairs whose image tokens, template, prompt and text exceed the language model's context. The
     template's and image's share is measured once on the first pair."""
     limit = model.config.get_text_config().max_position_embeddings
@@ -77,7 +87,7 @@ def _too_long(processor, model, pairs: list[Pair]) -> list[Problem]:
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
     first = pairs[0]
-    encoded = encode_pairs(model, processor, [first.load_image()], [first.prompt], [first.text])
+    encoded = _encode(model, processor, [first], opt)
     overhead = encoded["input_ids"].shape[1] - n_tokens(first.prompt) - n_tokens(first.text)
     problems = []
     for p in pairs:
@@ -87,10 +97,10 @@ def _too_long(processor, model, pairs: list[Pair]) -> list[Problem]:
     return problems
 
 
-def _pairs(manifest, on_error, processor, model):
-    pairs, problems = read_manifest(manifest, on_error)
-    long = _too_long(processor, model, pairs)
-    if long and on_error == "stop":
+def _pairs(manifest, processor, model, opt: Options):
+    pairs, problems = read_manifest(manifest, opt.on_error)
+    long = _too_long(processor, model, pairs, opt)
+    if long and opt.on_error == "stop":
         raise ManifestError(manifest, long)
     bad = {p.id for p in long}
     return [p for p in pairs if p.id not in bad], problems + long
@@ -103,8 +113,7 @@ def _each_batch(todo: list[Pair], total: int, desc: str, model, processor, opt: 
 
     def run(chunk):
         try:
-            batch = encode_pairs(model, processor, [p.load_image() for p in chunk], [p.prompt for p in chunk],
-                                 [p.text for p in chunk])
+            batch = _encode(model, processor, chunk, opt)
             work(chunk, {k: v.to(opt.device) for k, v in batch.items()})
         except torch.OutOfMemoryError:
             if len(chunk) == 1:
@@ -128,12 +137,23 @@ def _autocast(opt: Options):
     return torch.autocast(torch.device(opt.device).type, dtype=getattr(torch, opt.autocast))
 
 
+def _warn_if_another_format_fits(model, processor, members: list[Pair], opt: Options) -> None:
+    """The known members fit the format the model was trained in best: say so loudly when that is not the
+    stated one (forward passes over at most 32 members)."""
+    stated = prompt_format(model, processor, opt.prompt_format).spec
+    fits = rank_formats(model, processor, members[:32], candidates(processor, [stated]), opt.batch_size, opt.device)
+    if fits[0].spec != stated:
+        print(f"WARNING: the known members fit another prompt format better than the stated {stated!r}; was the "
+              f"model trained in it? Every score depends on it (gradaudit formats compares them):\n"
+              f"{format_table(fits, stated)}", file=sys.stderr)
+
+
 def run_reference(model_dir: str, manifest: str, run: str, **options) -> RunFolder:
     """Sums each selected weight's gradient over the manifest's pairs (the reference members) into the
     run folder; rerunning continues where it stopped. ``options``: the fields of :class:`Options`."""
     opt = Options.of(**options)
     model, processor, targets, folder = _setup(model_dir, run, opt)
-    pairs, problems = _pairs(manifest, opt.on_error, processor, model)
+    pairs, problems = _pairs(manifest, processor, model, opt)
     folder.record_skipped("reference", problems_as_records(problems))
     sums, ids, complete = folder.load_reference()
     if complete:
@@ -142,6 +162,8 @@ def run_reference(model_dir: str, manifest: str, run: str, **options) -> RunFold
     unknown = set(ids) - {p.id for p in pairs}
     if unknown:
         raise RunMismatch(f"{run} holds a partial reference over ids not in {manifest} (e.g. {sorted(unknown)[:3]})")
+    if not ids:
+        _warn_if_another_format_fits(model, processor, pairs, opt)
 
     # R's sums stay on the device; they are saved after every batch while small, else once a minute,
     # and on Ctrl-C. Sums and ids change together, in one assignment, so a save never mixes them.
@@ -178,7 +200,7 @@ def run_extract(model_dir: str, manifest: str, run: str, name: str, **options) -
     model, processor, targets, folder = _setup(model_dir, run, opt)
     refs, _, ref_sha = folder.reference()
     refs = {k: v.to(opt.device) for k, v in refs.items()}
-    pairs, problems = _pairs(manifest, opt.on_error, processor, model)
+    pairs, problems = _pairs(manifest, processor, model, opt)
     folder.record_skipped(name, problems_as_records(problems))
     done = folder.done_ids(name, ref_sha)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from gradaudit.errors import ModelError
+from gradaudit.models.formats import PromptFormat, label_span
 from gradaudit.models.layout import Layout
 
 
@@ -32,39 +33,36 @@ def image_rows(batch: dict) -> Layout:
     )
 
 
-def chat_heads(templated, prompts, default: str) -> list[str]:
-    """The user turn (an image, then the prompt) and the assistant's cue, through the chat template of
-    ``templated`` (a processor or tokenizer) where it has one, else ``default`` formatted with the prompt."""
-    if not getattr(templated, "chat_template", None):
-        return [default.format(prompt=p) for p in prompts]
-    return [templated.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-        add_generation_prompt=True, tokenize=False) for p in prompts]
+def text_parts(fmt: PromptFormat, processor, prompts, texts, image: str, end: str):
+    """(heads, tails): what precedes and what ends each pair's text in format ``fmt``."""
+    parts = [fmt.parts(processor, image, p, t, end) for p, t in zip(prompts, texts)]
+    return [h for h, _ in parts], [t for _, t in parts]
 
 
-def joined(heads, texts, end: str) -> list[str]:
-    return [f"{h}{'' if h.endswith((' ', chr(10))) else ' '}{t}{end}" for h, t in zip(heads, texts)]
-
-
-def text_labels(batch: dict, head_lens) -> dict:
-    """Labels = input ids, -100 on padding and on each sample's first ``head_lens[b]`` positions."""
-    labels = batch["input_ids"].clone()
-    labels[batch["attention_mask"] == 0] = -100
-    for b, n in enumerate(head_lens):
-        labels[b, : int(n)] = -100
+def text_labels(batch: dict, spans, shifts) -> dict:
+    """Labels = input ids on each sample's text tokens and the one token after them (the end token or end
+    of turn); -100 elsewhere. ``spans[b]`` = [start, end) of the text in the tokenizer's ids of
+    head + text, ``shifts[b]`` what the processor's image expansion adds before it."""
+    labels = torch.full_like(batch["input_ids"], -100)
+    length = batch["attention_mask"].sum(1)
+    for b, ((start, end), shift) in enumerate(zip(spans, shifts)):
+        stop = min(end + shift + 1, int(length[b]))
+        labels[b, start + shift: stop] = batch["input_ids"][b, start + shift: stop]
     batch["labels"] = labels
     return batch
 
 
-def encode_turns(processor, images, prompts, texts, *, default: str, nest_images: bool = False) -> dict:
-    """The chat template's user turn (or ``default``), then the text and the end token, which alone carry
-    labels; right padding, so every sample keeps the positions it has alone. ``nest_images``: the
-    processor takes a list of images per sample (Idefics3)."""
+def encode_turns(processor, images, prompts, texts, fmt: PromptFormat, *, image: str = "<image>",
+                 nest_images: bool = False) -> dict:
+    """Each pair as ``fmt`` has it (head, text, tail), through the processor, which expands the image
+    placeholder; the text and its end token alone carry labels. Right padding, so every sample keeps the
+    positions it has alone. ``nest_images``: the processor takes a list of images per sample (Idefics3)."""
     tok = processor.tokenizer
     tok.padding_side = "right"
-    heads = chat_heads(processor, prompts, default)
+    heads, tails = text_parts(fmt, processor, prompts, texts, image, tok.eos_token or "")
     images = [[im] for im in images] if nest_images else images
-    batch = dict(processor(images=images, text=joined(heads, texts, tok.eos_token), return_tensors="pt",
-                           padding=True))
-    return text_labels(batch, processor(images=images, text=heads, return_tensors="pt",
-                                        padding=True)["attention_mask"].sum(1))
+    batch = dict(processor(images=images, text=[h + t + e for h, t, e in zip(heads, texts, tails)],
+                           return_tensors="pt", padding=True))
+    expanded = processor(images=images, text=heads, return_tensors="pt", padding=True)["attention_mask"].sum(1)
+    shifts = [int(n) - len(tok(h)["input_ids"]) for n, h in zip(expanded, heads)]
+    return text_labels(batch, [label_span(tok, h, t) for h, t in zip(heads, texts)], shifts)

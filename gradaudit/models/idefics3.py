@@ -9,6 +9,6 @@ from gradaudit.models.registry import Architecture, register, tower_projector_lm
 
 DOMAINS = tower_projector_lm(r"^model\.vision_model\.encoder\.layers\.(\d+)\.", r"^model\.connector\.",
                              r"^model\.text_model\.layers\.(\d+)\.")
-encode = functools.partial(encode_turns, default="User:<image>{prompt}<end_of_utterance>\nAssistant:", nest_images=True)
+encode = functools.partial(encode_turns, nest_images=True)
 
 register(Architecture("idefics3", DOMAINS, encode, image_rows), Architecture("smolvlm", DOMAINS, encode, image_rows))

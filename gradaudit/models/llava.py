@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-
 from gradaudit.models.encoding import encode_turns, image_rows
 from gradaudit.models.registry import Architecture, register, tower_projector_lm
 
 # weight names of LLaVA-style models (after a PEFT prefix is stripped); PaliGemma shares them
 TOWER_PROJECTOR_LM = tower_projector_lm(r"^model\.vision_tower\..*?layers\.(\d+)\.", r"^model\.multi_modal_projector\.",
                                         r"^model\.language_model\.layers\.(\d+)\.")
-
 
 def vision_reach(config, n_layers: int) -> int:
     """How many vision-encoder blocks feed the projector: LLaVA reads hidden_states[vision_feature_layer]
@@ -19,6 +16,5 @@ def vision_reach(config, n_layers: int) -> int:
     layer = max(layer) if isinstance(layer, (list, tuple)) else layer
     return layer if layer >= 0 else n_layers + 1 + layer
 
-
-register(Architecture("llava", TOWER_PROJECTOR_LM, functools.partial(encode_turns, default="USER: <image>\n{prompt} ASSISTANT:"),
+register(Architecture("llava", TOWER_PROJECTOR_LM, encode_turns,
                       image_rows, vision_reach))

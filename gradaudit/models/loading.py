@@ -1,8 +1,9 @@
-"""Loading a model folder (nothing is fetched), freezing it, and its fingerprint: what stored results
-depend on."""
+"""Loading a model folder (nothing is fetched, no code from the folder runs, no pickle is read), freezing
+it, and its fingerprint: what stored results depend on."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -69,12 +70,20 @@ def load_model(model_dir: str, *, adapter: str | None = None, dtype: str = "floa
         raise ConfigError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise ModelError(f"{model_dir} is not a model folder (no config.json); give a save_pretrained folder")
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True, dtype=DTYPES[dtype])
+    # The folder may come from the party being audited: its Python files never run (trust_remote_code=False
+    # is given, so transformers neither asks nor imports them) and only safetensors weights load.
+    safe = dict(local_files_only=True, trust_remote_code=False)
+    if not glob.glob(os.path.join(model_dir, "*.safetensors")):
+        raise ModelError(f"{model_dir} holds no .safetensors weights; GradAudit reads no pickle files (.bin, .pt), "
+                         "which can run code: convert them with save_pretrained(safe_serialization=True)")
+    config = AutoConfig.from_pretrained(model_dir, **safe)
     if config.model_type not in ARCHITECTURES:
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, **safe, use_safetensors=True, dtype=DTYPES[dtype])
         raise ModelError(_unsupported(model_dir, model))
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, **safe, use_safetensors=True, dtype=DTYPES[dtype])
+    model.gradaudit_files_sha256 = files_sha256(model_dir)
     try:
-        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+        processor = AutoProcessor.from_pretrained(model_dir, **safe)
     except ImportError:  # e.g. Qwen2-VL's video processor needs torchvision; images and text suffice here
         processor = _image_text_processor(model_dir)
     if adapter is not None:
@@ -83,33 +92,83 @@ def load_model(model_dir: str, *, adapter: str | None = None, dtype: str = "floa
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
-        model.gradaudit_adapter_sha256 = _folder_sha256(adapter)
+        model.gradaudit_files_sha256 = model.base_model.model.gradaudit_files_sha256
+        model.gradaudit_adapter_sha256 = files_sha256(adapter, weights_only=False)
     return freeze(model.to(device).eval()), processor
 
 
-def _folder_sha256(folder: str) -> str:
+def _file_sha256(path: str) -> str:
+    """A file's sha256, streamed; kept in the cache folder by (path, size, modification time), so a large
+    checkpoint is hashed once."""
+    stat = os.stat(path)
+    key = hashlib.sha256(f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    cache = os.path.join(os.environ.get("GRADAUDIT_CACHE_DIR", os.path.expanduser("~/.cache/gradaudit")), "sha256")
+    cached = os.path.join(cache, key)
+    if os.path.exists(cached):
+        with open(cached) as f:
+            return f.read().strip()
     digest = hashlib.sha256()
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            digest.update(name.encode())
-            with open(path, "rb") as f:
-                digest.update(f.read())
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    try:
+        os.makedirs(cache, exist_ok=True)
+        with open(f"{cached}.tmp-{os.getpid()}", "w") as f:
+            f.write(digest.hexdigest())
+        os.replace(f"{cached}.tmp-{os.getpid()}", cached)
+    except OSError:  # a read-only home: hash again next time
+        pass
     return digest.hexdigest()
 
 
+# what a model folder's results depend on besides config.json: the weights, and the processor's files
+_PROCESSOR_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model",
+                    "*preprocessor_config.json", "processor_config.json", "chat_template*")
+
+
+def files_sha256(folder: str, weights_only: bool = True) -> dict[str, str]:
+    """{file name: sha256} of a model folder's weights (*.safetensors) and processor files — or, with
+    ``weights_only=False``, of every file in it (an adapter folder). Names, not paths: the same folder
+    reached by another path has the same hashes."""
+    names = sorted(os.listdir(folder)) if not weights_only else sorted(
+        {os.path.basename(p) for pattern in ("*.safetensors", *_PROCESSOR_FILES)
+         for p in glob.glob(os.path.join(folder, pattern))})
+    return {n: _file_sha256(os.path.join(folder, n)) for n in names if os.path.isfile(os.path.join(folder, n))}
+
+
+def _config_sha256(config) -> str:
+    """The configuration's hash, without what depends on where the folder is (``_name_or_path``)."""
+    data = config.to_dict()
+
+    def strip(d):
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if k != "_name_or_path"}
+
+    return hashlib.sha256(json.dumps(strip(data), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _digest(files: dict[str, str] | None) -> str | None:
+    return None if files is None else hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
 def fingerprint(model: nn.Module, targets: list[Target]) -> dict:
-    """What stored results depend on: the model's configuration (hash), the selected weights' names,
-    shapes and values (a hash of up to 65,536 evenly spaced entries of each, so two trainings of one
-    configuration differ)."""
-    config = model.config.to_json_string(use_diff=False)
-    values = hashlib.sha256()
-    for t in targets:
-        w = t.module.weight.detach().flatten()
-        values.update(w[:: max(1, w.numel() // 65536)].float().cpu().numpy().tobytes())
+    """What stored results depend on: the model's configuration, every weight file and processor file of
+    its folder (hashes of the whole files, not of the selected weights alone), the adapter's files, and the
+    selected weights' names and shapes. A model not loaded by :func:`load_model` has its selected weights'
+    values hashed instead."""
+    files = getattr(model, "gradaudit_files_sha256", None)
+    if files is None:
+        values = hashlib.sha256()
+        for t in targets:
+            values.update(t.module.weight.detach().float().cpu().numpy().tobytes())
+        weights, processor = values.hexdigest(), None
+    else:
+        weights = _digest({n: h for n, h in files.items() if n.endswith(".safetensors")})
+        processor = _digest({n: h for n, h in files.items() if not n.endswith(".safetensors")})
     return {
-        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
-        "weights_sha256": values.hexdigest(),
-        "adapter_sha256": getattr(model, "gradaudit_adapter_sha256", None),
+        "config_sha256": _config_sha256(model.config),
+        "weights_sha256": weights,
+        "processor_sha256": processor,
+        "files": files,
+        "adapter_sha256": _digest(getattr(model, "gradaudit_adapter_sha256", None)),
         "targets": [{"name": t.name, "shape": list(t.module.weight.shape), "domain": t.domain} for t in targets],
     }

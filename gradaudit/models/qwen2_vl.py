@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from gradaudit.errors import ModelError
-from gradaudit.models.encoding import chat_heads, joined, text_labels
+from gradaudit.models.encoding import text_labels, text_parts
+from gradaudit.models.formats import PromptFormat, label_span
 from gradaudit.models.layout import Layout
 from gradaudit.models.registry import Architecture, register, tower_projector_lm
 
@@ -13,22 +14,23 @@ DOMAINS = tower_projector_lm(r"^model\.visual\.blocks\.(\d+)\.", r"^model\.visua
                              r"^model\.language_model\.layers\.(\d+)\.")
 
 
-def encode(processor, images, prompts, texts) -> dict:
-    """Qwen2-VL's chat layout, built from the processor's image processor and tokenizer (its video
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def encode(processor, images, prompts, texts, fmt: PromptFormat) -> dict:
+    """Each pair as ``fmt`` has it, built from the processor's image processor and tokenizer (its video
     processor, which needs torchvision, is not used): image pads expanded to the merged patch count."""
     tok, images_proc = processor.tokenizer, processor.image_processor
     tok.padding_side = "right"
     pixels = images_proc(images=images, return_tensors="pt")
     merged = (pixels["image_grid_thw"].prod(-1) // images_proc.merge_size**2).tolist()
-    default = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n"
-    heads = [h.replace("<|image_pad|>", "<|image_pad|>" * n, 1)
-             for h, n in zip(chat_heads(processor if getattr(processor, "chat_template", None) else tok,
-                                        prompts, default), merged)]
-    batch = dict(tok(joined(heads, texts, "<|im_end|>"), return_tensors="pt", padding=True))
+    heads, tails = text_parts(fmt, processor, prompts, texts, IMAGE, tok.eos_token or "")
+    heads = [h.replace("<|image_pad|>", "<|image_pad|>" * n, 1) for h, n in zip(heads, merged)]
+    batch = dict(tok([h + t + e for h, t, e in zip(heads, texts, tails)], return_tensors="pt", padding=True))
     batch.update(pixels)
     image_token = tok.convert_tokens_to_ids("<|image_pad|>")
     batch["mm_token_type_ids"] = (batch["input_ids"] == image_token).long()
-    return text_labels(batch, [len(tok(h)["input_ids"]) for h in heads])
+    return text_labels(batch, [label_span(tok, h, t) for h, t in zip(heads, texts)], [0] * len(heads))
 
 
 def layout(batch: dict) -> Layout:

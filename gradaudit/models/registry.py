@@ -18,16 +18,19 @@ class Architecture:
     """What GradAudit needs to know of one ``model_type``.
 
     ``domains``: (domain, regular expression on weight names with a block number as group 1, if any),
-    matched in order after a PEFT prefix is stripped. ``encode(processor, images, prompts, texts)``: a
-    batch dict with labels on the text tokens only. ``layout(batch)``: where each sample's positions are
+    matched in order after a PEFT prefix is stripped. ``encode(processor, images, prompts, texts, fmt)``:
+    a batch dict in prompt format ``fmt`` (:class:`gradaudit.models.formats.PromptFormat`) with labels on
+    the text tokens and their end token only. ``layout(batch)``: where each sample's positions are
     (:class:`gradaudit.models.layout.Layout`). ``vision_reach(config, n_blocks)``: how many vision blocks
-    feed the loss (None: all of them)."""
+    feed the loss (None: all of them). ``native_format``: the format the family's processor fixes, if it
+    does (PaliGemma's prefix and suffix), used when none is stated."""
 
     model_type: str
     domains: tuple[tuple[str, re.Pattern], ...]
     encode: Callable
     layout: Callable
     vision_reach: Callable | None = None
+    native_format: str | None = None
 
     def vision_blocks_reaching(self, config, n_blocks: int) -> int:
         return n_blocks if self.vision_reach is None else self.vision_reach(config, n_blocks)

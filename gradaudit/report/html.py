@@ -158,7 +158,8 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px}}t
 <p>Audited: {result['probes']} image–text pairs (set “{html.escape(result['set'])}”) against the gradients of the
 {html.escape(str(result['model']['model_type']))} model {html.escape(str(result['model']['model']))}
 {'with adapter ' + html.escape(str(result['model']['adapter'])) + ' ' if result['model']['adapter'] else ''}({result['selection']}
-weight matrices), with {result['reference']['members']} known training pairs
+weight matrices), each pair in the prompt format
+<code>{html.escape(repr(result['model'].get('prompt_format')))}</code>, with {result['reference']['members']} known training pairs
 ({'scored leave-one-out against the R they built' if result['reference']['members_in_r'] else
   'beside the ' + str(result['reference']['r_builders']) + ' whose gradients form the reference R'}) and
 {result['reference']['nonmembers']} known non-training pairs as reference. Method:

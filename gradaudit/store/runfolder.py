@@ -95,12 +95,15 @@ class RunFolder:
             _atomic(path, _text(json.dumps(fingerprint, indent=1)))
             return
         stored = self.fingerprint()
-        keys = ("config_sha256", "weights_sha256", "adapter_sha256", "targets", "mode", "autocast")
+        keys = ("config_sha256", "weights_sha256", "processor_sha256", "adapter_sha256", "targets", "mode", "autocast",
+                "prompt_format")
         differs = [k for k in keys if stored.get(k) != fingerprint.get(k)]
         if differs:
             what = {"config_sha256": "the model's configuration", "weights_sha256": "the model's weights",
+                    "processor_sha256": "the processor's files (tokenizer, image processor, chat template)",
                     "adapter_sha256": "the adapter", "targets": "the selected weights (preset or pattern)",
-                    "mode": "the mode (eval or train)", "autocast": "the autocast setting"}
+                    "mode": "the mode (eval or train)", "autocast": "the autocast setting",
+                    "prompt_format": "the prompt format"}
             raise RunMismatch(f"{self.path} holds results of another run: "
                               f"{', '.join(what[k] for k in differs)} differ(s)")
 

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     with open(config, "w") as f:
         f.write(f'model = "{model["model"]}"\nadapter = "{model["adapter"]}"\nrun = "{run}"\npreset = "paper"\n'
                 "[data]\n" + "".join(f'{k} = "{sets[k]}"\n' for k in ("reference_members", "reference_nonmembers", "probes"))
-                + "[options]\nbatch_size = 16\nassociation_test = true\n")
+                + "[options]\nbatch_size = 16\nassociation_test = true\nprompt_format = \"chat-template\"\n")
     command = [sys.executable, "-m", "gradaudit", "audit", config]
     print(f"\n$ gradaudit audit {config}", flush=True)
     t = time.time()

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from gradaudit.capture.losses import per_sample_text_loss
-from gradaudit.models import encode_pairs
+from gradaudit.models import PromptFormat, encode_pairs
+from gradaudit.models.formats import CHAT_TEMPLATE
 from gradaudit.store.manifest import Pair
 
 # The shapes of the models trained here: tiny trains on a 2-core CPU in minutes, small (~25M) on a GPU.
@@ -26,9 +27,20 @@ SIZES = {
 }
 
 
+# The prompt format the models here are trained in, LLaVA-1.5's: "USER: <image>\n{prompt} ASSISTANT: {text}</s>".
+# It is saved with every model as its chat template, so an audit states prompt_format = "chat-template".
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% else %}{{ item['text'] }}"
+    "{% endif %}{% endfor %} {% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}"
+    "{% endfor %}{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+FORMAT = PromptFormat(CHAT_TEMPLATE)
+
+
 def build_llava(size: str | dict, tokenizer, seed: int = 0):
     """(model, processor): a LLaVA-wired model of ``size`` (a name in :data:`SIZES`, or a shape with the
-    same keys) around ``tokenizer``."""
+    same keys) around ``tokenizer``, its processor carrying :data:`LLAVA_CHAT_TEMPLATE`."""
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
@@ -51,7 +63,8 @@ def build_llava(size: str | dict, tokenizer, seed: int = 0):
     model = LlavaForConditionalGeneration(config)
     images = CLIPImageProcessor(size={"shortest_edge": s["image"]}, crop_size={"height": s["image"], "width": s["image"]})
     processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=s["patch"],
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA_CHAT_TEMPLATE)
     return model, processor
 
 
@@ -68,29 +81,30 @@ class Recipe:
     seed: int = 0
 
 
-def _loss(model, processor, pairs: list[Pair], device) -> torch.Tensor:
+def _loss(model, processor, pairs: list[Pair], device, fmt: PromptFormat = FORMAT) -> torch.Tensor:
     batch = encode_pairs(model, processor, [p.load_image() for p in pairs], [p.prompt for p in pairs],
-                         [p.text for p in pairs])
+                         [p.text for p in pairs], fmt)
     labels = batch.pop("labels").to(device)
     logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
     return per_sample_text_loss(logits, labels).mean()
 
 
 @torch.no_grad()
-def held_out_loss(model, processor, pairs: list[Pair], batch_size: int = 32, device="cpu") -> float:
-    """Mean per-pair text-token loss on ``pairs`` (eval mode)."""
+def held_out_loss(model, processor, pairs: list[Pair], batch_size: int = 32, device="cpu",
+                  fmt: PromptFormat = FORMAT) -> float:
+    """Mean per-pair text-token loss on ``pairs`` in format ``fmt`` (eval mode)."""
     model.eval()
     total = 0.0
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        total += _loss(model, processor, chunk, device).item() * len(chunk)
+        total += _loss(model, processor, chunk, device, fmt).item() * len(chunk)
     return total / len(pairs)
 
 
 def train(model, processor, pairs: list[Pair], recipe: Recipe, held_out: list[Pair] | None = None,
-          device="cpu", progress=None):
-    """Trains ``model`` on ``pairs`` (each epoch a fresh shuffle); returns (model, history): per epoch the
-    training loss and, given ``held_out``, the held-out loss. With ``recipe.lora_rank`` the returned model
+          device="cpu", progress=None, fmt: PromptFormat = FORMAT):
+    """Trains ``model`` on ``pairs`` in prompt format ``fmt`` (each epoch a fresh shuffle); returns (model,
+    history): per epoch the training loss and, given ``held_out``, the held-out loss. With ``recipe.lora_rank`` the returned model
     is a PEFT model whose adapter is what was trained."""
     if recipe.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
@@ -113,7 +127,7 @@ def train(model, processor, pairs: list[Pair], recipe: Recipe, held_out: list[Pa
         seen, running = 0, 0.0
         for i in range(0, len(order), recipe.batch_size):
             chunk = [pairs[j] for j in order[i:i + recipe.batch_size]]
-            loss = _loss(model, processor, chunk, device)
+            loss = _loss(model, processor, chunk, device, fmt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -123,7 +137,7 @@ def train(model, processor, pairs: list[Pair], recipe: Recipe, held_out: list[Pa
             seen += len(chunk)
         row = {"epoch": epoch + 1, "train_loss": running / seen}
         if held_out:
-            row["held_out_loss"] = held_out_loss(model, processor, held_out, device=device)
+            row["held_out_loss"] = held_out_loss(model, processor, held_out, device=device, fmt=fmt)
         history.append(row)
         if progress:
             progress(row)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from gradaudit.models import load_model
 from gradaudit.store.manifest import Pair, read_manifest, write_pairs
 from gradaudit.toy.corpora import KINDS, generate, write_manifest
-from gradaudit.toy.models import SIZES, Recipe, build_llava, held_out_loss, save, train
+from gradaudit.toy.models import LLAVA_CHAT_TEMPLATE, SIZES, Recipe, build_llava, held_out_loss, save, train
 from gradaudit.toy.tokenizers import train_tokenizer
 
 TRAININGS = ("pretrain", "finetune")
@@ -127,7 +127,7 @@ def train_model(root: str, training: str, corpus: str, size: str = "tiny", count
     recipe = RECIPES[(size, training)]
     data = prepare_corpus(root, corpus, size, counts)
     key = dict(training=training, corpus=corpus, size=size, counts=dataclasses.asdict(counts),
-               recipe=dataclasses.asdict(recipe))
+               recipe=dataclasses.asdict(recipe), chat_template=LLAVA_CHAT_TEMPLATE)
     folder = os.path.join(root, "models", f"{training}-{corpus}-{size}")
     stamp = os.path.join(folder, "training.json")
     if training == "pretrain":

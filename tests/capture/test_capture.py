@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gradaudit.capture import batch_stats, per_sample_text_loss, reference_sums
-from gradaudit.models import batch_layout, encode_pairs, freeze, select_targets
+from gradaudit.models import PromptFormat, batch_layout, encode_pairs, freeze, select_targets
 from gradaudit.toy.tiny import idefics3_batch, random_images, tiny_idefics3, tiny_llava, tiny_paligemma, tiny_qwen2_vl
 
 PROMPTS = ["Describe the image.", "What is shown?", "Caption:", "Describe the image.", "Say it."]
@@ -18,9 +18,15 @@ def llava():
     return model, processor
 
 
+# each tiny family in a format it takes: LLaVA's chat template, PaliGemma's own, Qwen2-VL's chat layout
+FORMATS = {"llava": PromptFormat("chat-template"), "paligemma": PromptFormat("plain"),
+           "qwen2_vl": PromptFormat("<|im_start|>user\n{image}{prompt}<|im_end|>\n<|im_start|>assistant\n{text}")}
+
+
 def _batch(model, processor, idx):
     images = random_images(len(PROMPTS), seed=1)
-    return encode_pairs(model, processor, [images[i] for i in idx], [PROMPTS[i] for i in idx], [TEXTS[i] for i in idx])
+    return encode_pairs(model, processor, [images[i] for i in idx], [PROMPTS[i] for i in idx], [TEXTS[i] for i in idx],
+                        FORMATS[model.config.model_type])
 
 
 def _to(batch, device):
@@ -222,16 +228,18 @@ def test_idefics3_through_its_processor():
 
 
 def test_chat_template_shapes_the_prompt():
-    """Where the processor has a chat template, the user turn comes from it; labels stay on the text."""
+    """Where the processor has a chat template, the conversation comes from it; labels stay on the text and
+    the template's end of turn."""
     model, processor = tiny_llava(seed=0)
     processor.chat_template = (
         "{% for m in messages %}<|{{ m['role'] }}|>{% for c in m['content'] %}"
         "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-    batch = encode_pairs(model, processor, random_images(2), ["Describe.", "Hi"], ["a red square", "x"])
+    batch = encode_pairs(model, processor, random_images(2), ["Describe.", "Hi"], ["a red square", "x"],
+                         PromptFormat("chat-template"))
     tok = processor.tokenizer
     first = tok.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
-    assert first.startswith("<|user|>") and "<|assistant|>\na red square</s>" in first
+    assert first.startswith("<|user|>") and first.endswith("<|assistant|>\na red square\n")
     labelled = tok.decode(batch["labels"][0][batch["labels"][0] != -100])
-    assert labelled == "a red square</s>"
+    assert labelled == "a red square\n"
     _engine_equals_paper_loop(freeze(model), processor, "paper", "torch", "cpu")

@@ -41,7 +41,7 @@ def audit_dir(tmp_path_factory):
     manifest("probes", list(range(0, 6)) + list(range(24, 34)), label=lambda i: int(i < 12))
     (root / "audit.toml").write_text(
         'model = "model"\nrun = "run"\npreset = "paper"\n[data]\nreference_members = "ref_members.jsonl"\n'
-        'reference_nonmembers = "ref_nonmembers.jsonl"\nprobes = "probes.jsonl"\n[options]\nbatch_size = 6\n')
+        'reference_nonmembers = "ref_nonmembers.jsonl"\nprobes = "probes.jsonl"\n[options]\nbatch_size = 6\nprompt_format = "chat-template"\n')
     return root
 
 

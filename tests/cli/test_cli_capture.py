@@ -9,10 +9,12 @@ import torch
 
 from gradaudit.capture import batch_stats
 from gradaudit.cli import main
-from gradaudit.models import batch_layout, encode_pairs, load_model, select_targets
+from gradaudit.models import PromptFormat, batch_layout, encode_pairs, load_model, select_targets
 from gradaudit.store.runfolder import RunFolder
 from gradaudit.toy.tiny import random_images, tiny_llava
 from gradaudit.workflow import load_set
+
+CHAT = PromptFormat("chat-template")  # the tiny models' own format (their chat template)
 
 TEXTS = ["a red square", "two blue circles on grey", "x", "a green triangle at the top", "noise", "one dot"]
 
@@ -34,7 +36,9 @@ def saved(tmp_path_factory):
 
 
 def _run(*args):
-    return main([str(a) for a in args])
+    """The command line; capture commands state the tiny models' prompt format (their chat template)."""
+    stated = ["--prompt-format", "chat-template"] if args[0] in ("reference", "extract") else []
+    return main([str(a) for a in args] + stated)
 
 
 def test_layers_lists_the_selection(saved, capsys):
@@ -65,7 +69,7 @@ def test_reference_extract_resume_and_refusals(saved, capsys):
     images = {f"p{i}": im for i, im in enumerate(random_images(len(TEXTS), seed=3))}
     want_ids = ids[:2]
     batch = encode_pairs(model, processor, [images[i] for i in want_ids], ["Describe the image."] * 2,
-                               [TEXTS[int(i[1:])] for i in want_ids])
+                               [TEXTS[int(i[1:])] for i in want_ids], CHAT)
     direct = batch_stats(model, batch, batch_layout(model, batch), targets, refs, backend="torch").stats
     name = targets[0].name
     torch.testing.assert_close(stats[f"{name}|row_dot"][:2], direct[name].row_dot, rtol=1e-4, atol=1e-7)
@@ -144,7 +148,7 @@ def test_out_of_memory_halves_the_batch(saved, monkeypatch):
         return real(model, batch, *args, **kwargs)
 
     run = str(saved / "run_oom")
-    opts = dict(batch_size=4, progress=False)
+    opts = dict(batch_size=4, progress=False, prompt_format="chat-template")
     pipeline.run_reference(str(saved / "model0"), str(saved / "members.jsonl"), run, **opts)
     monkeypatch.setattr(pipeline, "batch_stats", tight)
     pipeline.run_extract(str(saved / "model0"), str(saved / "audited.jsonl"), run, "audited", **opts)
@@ -184,7 +188,7 @@ def test_unsupported_architecture_lists_its_weights(tmp_path, capsys):
 def test_interrupted_reference_pass_resumes_to_the_same_r(saved, monkeypatch):
     from gradaudit.capture import passes as pipeline
 
-    opts = dict(batch_size=1, progress=False)
+    opts = dict(batch_size=1, progress=False, prompt_format="chat-template")
     whole = str(saved / "run_whole")
     pipeline.run_reference(str(saved / "model0"), str(saved / "members.jsonl"), whole, **opts)
 
