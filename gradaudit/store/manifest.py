@@ -1,8 +1,8 @@
 """Audited pairs in: the JSONL manifest (docs/data-and-runs.md), checked line by line before any work.
 
 One pair a line: ``{"id", "image" (a path relative to the manifest), "prompt" (optional), "text"}``
-and an optional ``"label"`` (1 member, 0 non-member). Every problem is reported with its manifest line;
-the caller chooses to skip bad lines (keeping a record) or to stop before any work.
+and an optional ``"label"`` (1 member, 0 non-member); no other key. Every problem is reported with its
+manifest line; the caller chooses to skip bad lines (keeping a record) or to stop before any work.
 """
 
 from __future__ import annotations
@@ -44,17 +44,52 @@ class Problem:
         return f"line {self.line}{who}: {self.reason}"
 
 
+KEYS = ("id", "image", "prompt", "text", "label")
+
+
+def _unicode_problem(rec: dict) -> str | None:
+    """JSON may spell lone surrogates (``"\\ud800"``), which no file or CSV can hold as UTF-8."""
+    for key, value in rec.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return f'"{key}" holds a lone surrogate (\\ud800–\\udfff), not text'
+    return None
+
+
+def _id_of(rec: dict) -> str | None:
+    """The line's id as a string (an integer is read as its string), or None without a usable one."""
+    pid = rec.get("id")
+    if isinstance(pid, bool) or not isinstance(pid, (str, int)) or str(pid) == "":
+        return None
+    return str(pid)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _check_line(raw: str, line: int, root: str, seen: set[str]) -> tuple[Pair | None, Problem | None]:
     try:
         rec = json.loads(raw)
     except json.JSONDecodeError as exc:
         return None, Problem(line, None, f"not valid JSON ({exc.msg} at column {exc.colno})")
+    except (ValueError, RecursionError) as exc:  # a number of over 4300 digits; nesting too deep
+        return None, Problem(line, None, f"not valid JSON ({type(exc).__name__}: {exc})")
     if not isinstance(rec, dict):
         return None, Problem(line, None, "not a JSON object")
-    pid = rec.get("id")
-    if not isinstance(pid, (str, int)) or str(pid) == "":
+    pid = _id_of(rec)
+    unknown = sorted(set(rec) - set(KEYS))
+    if unknown:
+        listed = ", ".join(_short(k) for k in unknown)
+        return None, Problem(line, pid, f"unknown key(s) {listed}; the keys are {', '.join(KEYS)}")
+    if pid is None:
         return None, Problem(line, None, 'missing "id" (a non-empty string)')
-    pid = str(pid)
+    unreadable = _unicode_problem(rec)
+    if unreadable:
+        return None, Problem(line, pid, unreadable)
     if pid in seen:
         return None, Problem(line, pid, "duplicate id (an earlier line has it)")
     text, image = rec.get("text"), rec.get("image")
@@ -74,9 +109,10 @@ def _check_line(raw: str, line: int, root: str, seen: set[str]) -> tuple[Pair | 
     if not isinstance(prompt, str):
         return None, Problem(line, pid, '"prompt" must be a string')
     label = rec.get("label")
-    if label not in (None, 0, 1, True, False):
-        return None, Problem(line, pid, '"label" must be 1 (member), 0 (non-member) or absent')
-    return Pair(pid, path, text, prompt or DEFAULT_PROMPT, None if label is None else int(label), line), None
+    if label is not None and (type(label) is not int or label not in (0, 1)):
+        return None, Problem(line, pid, f'"label" must be the integer 1 (member) or 0 (non-member), or absent; '
+                                        f"got {_short(label)}")
+    return Pair(pid, path, text, prompt or DEFAULT_PROMPT, label, line), None
 
 
 def read_manifest(path: str, on_error: str = "stop") -> tuple[list[Pair], list[Problem]]:
@@ -87,14 +123,19 @@ def read_manifest(path: str, on_error: str = "stop") -> tuple[list[Pair], list[P
     root = os.path.dirname(os.path.abspath(path))
     pairs, problems, seen = [], [], set()
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()  # the line breaks text mode knows: \n, \r\n and \r
     except OSError as exc:
         raise ConfigError(f"cannot read the manifest {path}: {exc}") from exc
     for i, raw in enumerate(lines, start=1):
-        if not raw.strip():
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append(Problem(i, None, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"))
             continue
-        pair, problem = _check_line(raw, i, root, seen)
+        if not text.strip():
+            continue
+        pair, problem = _check_line(text, i, root, seen)
         if problem is not None:
             problems.append(problem)
         else:

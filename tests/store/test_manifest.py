@@ -37,6 +37,15 @@ BAD = [
     ({"id": "c", "image": "imgs/missing.png", "text": "t"}, "c", "image not found"),
     ({"id": "d", "image": "imgs/broken.png", "text": "t"}, "d", "image unreadable"),
     ({"id": "e", "image": "imgs/ok.png", "text": "t", "label": 3}, "e", '"label" must be'),
+    ({"id": "f", "image": "imgs/ok.png", "text": "t", "label": 1.0}, "f", '"label" must be the integer'),
+    ({"id": "g", "image": "imgs/ok.png", "text": "t", "label": True}, "g", '"label" must be the integer'),
+    ({"id": "h", "image": "imgs/ok.png", "text": "t", "lable": 1}, "h",
+     "unknown key(s) 'lable'; the keys are id, image, prompt, text, label"),
+    ({"ID": "i", "image": "imgs/ok.png", "text": "t"}, None, "unknown key(s) 'ID'"),
+    ({"id": True, "image": "imgs/ok.png", "text": "t"}, None, 'missing "id"'),
+    ('{"id": "j", "image": "imgs/ok.png", "text": "\\ud800"}', "j", 'holds a lone surrogate'),
+    ('{"id": "k", "image": "imgs/ok.png", "text": "t", "label": ' + "1" * 5000 + "}", None, "not valid JSON"),
+    ("[" * 100_000, None, "not valid JSON"),
 ]
 
 
@@ -49,6 +58,15 @@ def test_each_bad_line_is_named(tmp_path, record, pid, reason):
     assert problem.line == 2 and problem.id == pid and reason in problem.reason
     pairs, problems = read_manifest(str(path), on_error="skip")
     assert [p.id for p in pairs] == ["a"] and len(problems) == 1
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    path = _write(tmp_path, [GOOD])
+    path.write_bytes(path.read_bytes() + b'{"id": "b", "image": "imgs/ok.png", "text": "caf\xe9"}\n')
+    with pytest.raises(ManifestError, match=f"{path}: 1 bad line") as info:
+        read_manifest(str(path))
+    assert str(info.value.problems[0]) == "line 2: not UTF-8 text (byte 0xe9 at column 49)"
+    assert [p.id for p in read_manifest(str(path), on_error="skip")[0]] == ["a"]
 
 
 def test_nothing_usable_or_unreadable_manifest(tmp_path):
