@@ -41,6 +41,7 @@ from gradaudit.audit.variants import VARIANTS
 from gradaudit.capture import Options, run_extract, run_reference
 from gradaudit.errors import ConfigError
 from gradaudit.report import render
+from gradaudit.store.cells import spreadsheet_safe
 from gradaudit.store.manifest import read_manifest, shuffled_texts, write_pairs
 from gradaudit.store.runfolder import RunFolder
 
@@ -153,10 +154,11 @@ def context(run: str) -> dict:
 
 
 def write_pairs_csv(run: str, scored: ScoredSet) -> str:
-    """pairs.csv of a scored set: score, probability, verdict, the paper's score and every baseline."""
+    """pairs.csv of a scored set: score, probability, verdict, the paper's score and every baseline. An id
+    that a spreadsheet would run as a formula is written as text (``store.cells``)."""
     names = sorted(scored.baselines)
     s = scored.scores
-    rows = [[pid, f"{s['gradaudit'][i]:.6g}", f"{scored.probability[i]:.4f}",
+    rows = [[spreadsheet_safe(pid), f"{s['gradaudit'][i]:.6g}", f"{scored.probability[i]:.4f}",
              "member" if scored.probability[i] >= 0.5 else "non-member", f"{s['paper'][i]:.6g}",
              *[f"{s[k][i]:.6g}" for k in names], "" if scored.labels[i] is None else scored.labels[i]]
             for i, pid in enumerate(scored.ids)]
