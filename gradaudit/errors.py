@@ -46,3 +46,13 @@ class StageMissing(GradAuditError):
 
 class LabelsMissing(GradAuditError):
     """A set must carry a 0/1 label on every pair, both classes present, to be evaluated."""
+
+
+class OptionError(ConfigError):
+    """One option has a value of the wrong type or outside its choices. ``option`` names it as the
+    library's keyword and the audit file's key spell it ("batch_size", "device"), so that the command
+    line can point at its own flag."""
+
+    def __init__(self, option: str, message: str):
+        self.option = option
+        super().__init__(message)
