@@ -56,3 +56,13 @@ class OptionError(ConfigError):
     def __init__(self, option: str, message: str):
         self.option = option
         super().__init__(message)
+
+
+class ManifestsError(ManifestError):
+    """Bad lines in several manifests, all found before any work (an audit reads every manifest first).
+    ``errors`` holds one :class:`ManifestError` per file; ``path`` and ``problems`` are the first one's."""
+
+    def __init__(self, errors: list):
+        self.errors = errors
+        self.path, self.problems = errors[0].path, errors[0].problems
+        GradAuditError.__init__(self, "\n".join(str(e) for e in errors))

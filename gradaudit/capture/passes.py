@@ -27,7 +27,8 @@ from gradaudit.store.runfolder import RunFolder
 class Options:
     """How a capture runs. ``mode`` "train" keeps dropout on (then no leave-one-out later: the
     statistics pass does not see the gradients that built R); ``autocast`` "bfloat16" runs the forward
-    under autocast. Both are part of the run's fingerprint.
+    under autocast. Both are part of the run's fingerprint. ``allow_outside``: read images outside a
+    manifest's folder (refused by default: a manifest may come from someone else).
 
     Every value is checked when the options are made, before a model is loaded, since they come from
     a command line or a TOML file: a wrong type, an unknown choice, a regular expression that does not
@@ -44,6 +45,7 @@ class Options:
     mode: str = "eval"
     autocast: str | None = None
     progress: bool = True
+    allow_outside: bool = False
 
     @classmethod
     def of(cls, **options) -> Options:
@@ -72,8 +74,9 @@ class Options:
                 raise OptionError("pattern", f"pattern {self.pattern!r} is not a regular expression: {exc}") from None
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise OptionError("batch_size", f"batch_size must be an integer of at least 1; got {self.batch_size!r}")
-        if not isinstance(self.progress, bool):
-            raise OptionError("progress", f"progress must be true or false; got {self.progress!r}")
+        for name in ("progress", "allow_outside"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(name, f"{name} must be true or false; got {getattr(self, name)!r}")
         self._check_device(self.device)
 
     @staticmethod
@@ -125,10 +128,10 @@ def _too_long(processor, model, pairs: list[Pair]) -> list[Problem]:
     return problems
 
 
-def _pairs(manifest, on_error, processor, model):
-    pairs, problems = read_manifest(manifest, on_error)
+def _pairs(manifest, opt: Options, processor, model):
+    pairs, problems = read_manifest(manifest, opt.on_error, allow_outside=opt.allow_outside)
     long = _too_long(processor, model, pairs)
-    if long and on_error == "stop":
+    if long and opt.on_error == "stop":
         raise ManifestError(manifest, long)
     bad = {p.id for p in long}
     return [p for p in pairs if p.id not in bad], problems + long
@@ -171,7 +174,7 @@ def run_reference(model_dir: str, manifest: str, run: str, **options) -> RunFold
     run folder; rerunning continues where it stopped. ``options``: the fields of :class:`Options`."""
     opt = Options.of(**options)
     model, processor, targets, folder = _setup(model_dir, run, opt)
-    pairs, problems = _pairs(manifest, opt.on_error, processor, model)
+    pairs, problems = _pairs(manifest, opt, processor, model)
     folder.record_skipped("reference", problems_as_records(problems))
     sums, ids, complete = folder.load_reference()
     if complete:
@@ -216,7 +219,7 @@ def run_extract(model_dir: str, manifest: str, run: str, name: str, **options) -
     model, processor, targets, folder = _setup(model_dir, run, opt)
     refs, _, ref_sha = folder.reference()
     refs = {k: v.to(opt.device) for k, v in refs.items()}
-    pairs, problems = _pairs(manifest, opt.on_error, processor, model)
+    pairs, problems = _pairs(manifest, opt, processor, model)
     folder.record_skipped(name, problems_as_records(problems))
     done = folder.done_ids(name, ref_sha)
 

@@ -3,6 +3,8 @@
 One pair a line: ``{"id", "image" (a path relative to the manifest), "prompt" (optional), "text"}``
 and an optional ``"label"`` (1 member, 0 non-member); no other key. Every problem is reported with its
 manifest line; the caller chooses to skip bad lines (keeping a record) or to stop before any work.
+Manifests may come from someone else, so an image outside the manifest's folder is refused unless the
+caller allows it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Problem:
 
 
 KEYS = ("id", "image", "prompt", "text", "label")
+OUTSIDE = "outside the manifest's folder"  # the reason's words for an image elsewhere (the CLI looks for them)
 
 
 def _unicode_problem(rec: dict) -> str | None:
@@ -56,6 +59,15 @@ def _unicode_problem(rec: dict) -> str | None:
             except UnicodeEncodeError:
                 return f'"{key}" holds a lone surrogate (\\ud800–\\udfff), not text'
     return None
+
+
+def _inside(root: str, path: str) -> bool:
+    """Whether ``path`` (normalised) lies in the folder ``root``, by its spelling: a link inside the
+    folder is followed wherever it leads, since only the folder's owner can make one."""
+    try:
+        return os.path.commonpath([root, path]) == root
+    except ValueError:  # another drive
+        return False
 
 
 def _id_of(rec: dict) -> str | None:
@@ -71,7 +83,8 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _check_line(raw: str, line: int, root: str, seen: set[str]) -> tuple[Pair | None, Problem | None]:
+def _check_line(raw: str, line: int, root: str, seen: set[str],
+                allow_outside: bool) -> tuple[Pair | None, Problem | None]:
     try:
         rec = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -98,6 +111,8 @@ def _check_line(raw: str, line: int, root: str, seen: set[str]) -> tuple[Pair | 
     if not isinstance(image, str) or not image:
         return None, Problem(line, pid, 'missing "image" (a path relative to the manifest)')
     path = os.path.normpath(os.path.join(root, image))
+    if not allow_outside and not _inside(root, path):
+        return None, Problem(line, pid, f"image {_short(image)} is {OUTSIDE} {root}; not read")
     try:
         with Image.open(path) as im:
             im.verify()
@@ -115,9 +130,12 @@ def _check_line(raw: str, line: int, root: str, seen: set[str]) -> tuple[Pair | 
     return Pair(pid, path, text, prompt or DEFAULT_PROMPT, label, line), None
 
 
-def read_manifest(path: str, on_error: str = "stop") -> tuple[list[Pair], list[Problem]]:
+def read_manifest(path: str, on_error: str = "stop", *,
+                  allow_outside: bool = False) -> tuple[list[Pair], list[Problem]]:
     """Reads and checks a manifest. ``on_error``: "stop" raises :class:`ManifestError` listing every bad
-    line; "skip" leaves them out. Returns (pairs, problems)."""
+    line; "skip" leaves them out. An image outside the manifest's folder (an absolute path elsewhere, or
+    one that climbs out with ``..``) is a bad line unless ``allow_outside``: a manifest from someone else
+    should not make the audit read files it was not pointed at. Returns (pairs, problems)."""
     if on_error not in ("stop", "skip"):
         raise ConfigError(f"on_error must be 'stop' or 'skip'; got {on_error!r}")
     root = os.path.dirname(os.path.abspath(path))
@@ -135,7 +153,7 @@ def read_manifest(path: str, on_error: str = "stop") -> tuple[list[Pair], list[P
             continue
         if not text.strip():
             continue
-        pair, problem = _check_line(text, i, root, seen)
+        pair, problem = _check_line(text, i, root, seen, allow_outside)
         if problem is not None:
             problems.append(problem)
         else:
@@ -160,12 +178,18 @@ def batches_by_length(pairs: list[Pair], batch_size: int, length=lambda p: len(p
 
 
 def write_pairs(path: str, pairs: list[Pair], labels: list[int] | None = None, texts: list[str] | None = None,
-                id_suffix: str = "") -> str:
+                id_suffix: str = "", at_source_lines: bool = False) -> str:
     """Writes ``pairs`` as a manifest (absolute image paths, so it can live anywhere), optionally with
-    labels, replaced texts and a suffix on every id; returns ``path``."""
+    labels, replaced texts and a suffix on every id; returns ``path``. ``at_source_lines``: each pair on
+    the line it had in its own manifest (empty lines between; the pairs in that manifest's order), so a
+    problem found later in this derived manifest names the line of the user's file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
+        line = 0
         for i, p in enumerate(pairs):
+            if at_source_lines:
+                f.write("\n" * (p.line - line - 1))
+                line = p.line
             rec = {"id": p.id + id_suffix, "image": p.image, "prompt": p.prompt,
                    "text": p.text if texts is None else texts[i]}
             if labels is not None:
