@@ -76,7 +76,7 @@ class AuditConfig:
     adapter: str | None = None
     preset: str = "paper"
     pattern: str | None = None
-    options: dict | None = None
+    options: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str) -> AuditConfig:
@@ -85,8 +85,8 @@ class AuditConfig:
         try:
             with open(path, "rb") as f:
                 raw = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read the audit configuration {path}: {exc}") from exc
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:  # not UTF-8; nested deep
+            raise ConfigError(f"cannot read the audit configuration {path}: {type(exc).__name__}: {exc}") from None
         for table in ("data", "options"):
             if not isinstance(raw.get(table, {}), dict):
                 raise ConfigError(f"{path}: {table} must be a table ([{table}]); got {raw[table]!r}")
@@ -139,7 +139,8 @@ class AuditConfig:
 def _check_options(path: str, raw: dict, options: dict) -> None:
     """The values of the audit's options and, through :class:`Options`, of the capture's; an error names
     the file and the key as the file spells it."""
-    method, folds = options.get("method", "auto"), options.get("folds", 5)
+    given = AUDIT_OPTIONS | options
+    method, folds = given["method"], given["folds"]
     if not isinstance(method, str) or (method != "auto" and method not in VARIANTS):
         raise OptionError("method", f"{path}: [options] method must be 'auto' or one of {sorted(VARIANTS)}; "
                                     f"got {method!r}")
@@ -147,8 +148,8 @@ def _check_options(path: str, raw: dict, options: dict) -> None:
         raise OptionError("folds", f"{path}: [options] folds must be an integer of at least 2 (cross-validation "
                                    f"fits on all folds but one); got {folds!r}")
     for key in ("split_reference", "association_test"):
-        if not isinstance(options.get(key, True), bool):
-            raise OptionError(key, f"{path}: [options] {key} must be true or false; got {options[key]!r}")
+        if not isinstance(given[key], bool):
+            raise OptionError(key, f"{path}: [options] {key} must be true or false; got {given[key]!r}")
     top = {k: raw[k] for k in ("adapter", "preset", "pattern") if k in raw}
     try:
         Options.of(**top, **{k: v for k, v in options.items() if k in CAPTURE_OPTIONS})

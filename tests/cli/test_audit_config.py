@@ -48,6 +48,7 @@ def _config(tmp_path, text):
     (HEAD + "mdoel = 'x'\n" + DATA, ConfigError, "unknown key(s) ['mdoel']; the keys are model, run, data"),
     (b'model = "caf\xe9"\n', ConfigError, "cannot read the audit configuration"),
     ("model = \n", ConfigError, "cannot read the audit configuration"),
+    ("model = " + "[" * 5000 + "]" * 5000 + "\n", ConfigError, "cannot read the audit configuration"),
 ])
 def test_bad_files_name_the_file_and_key(tmp_path, text, error, message):
     path = _config(tmp_path, text)

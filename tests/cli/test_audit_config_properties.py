@@ -76,7 +76,9 @@ def documents(draw):
         elif kind == "table":
             lines += [f"[{name}]"] + [f"{k} = {_toml(v)}" for k, v in draw(tables(keys, required=SETS)).items()]
     text = "\n".join(lines) + "\n"
-    encoding = draw(st.sampled_from(["utf-8"] * 6 + ["latin-1", "bytes"]))
+    encoding = draw(st.sampled_from(["utf-8"] * 6 + ["latin-1", "bytes", "nested"]))
+    if encoding == "nested":  # tomllib recurses once per level
+        return b"model = " + b"[" * 5000 + b"]" * 5000
     return draw(st.binary(max_size=40)) if encoding == "bytes" else text.encode(encoding, "replace")
 
 
