@@ -8,8 +8,8 @@ import glob
 import os
 import sys
 
-from gradaudit.errors import (ConfigError, GradAuditError, LabelsMissing, ManifestError, ModelError, OptionError,
-                              RunMismatch, StageMissing)
+from gradaudit.errors import (ConfigError, GradAuditError, LabelsMissing, ManifestError, ManifestsError, ModelError,
+                              OptionError, RunMismatch, StageMissing)
 from gradaudit.models.selection import PRESETS
 from gradaudit.ops.backends import NAMES as BACKENDS
 from gradaudit.store.manifest import OUTSIDE
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "layers":
-            capture.Options.of(adapter=args.adapter, preset=args.preset, pattern=args.pattern)  # checks the pattern
+            capture.Options.of(adapter=args.adapter, preset=args.preset, pattern=args.pattern)  # before loading
             print(capture.selection_table(args.model, args.preset, args.pattern, args.adapter))
             return 0
         if args.command in ("fit", "score", "evaluate", "report"):
@@ -170,7 +170,7 @@ def _advice(exc: Exception, args) -> str:
     if isinstance(exc, ManifestError):
         text = "\nFix those lines, or leave them out with a record: " + (
             'on_error = "skip" in [options].' if audit else "--on-error skip.")
-        problems = [p for e in getattr(exc, "errors", [exc]) for p in e.problems]
+        problems = [p for e in (exc.errors if isinstance(exc, ManifestsError) else [exc]) for p in e.problems]
         if any(OUTSIDE in p.reason for p in problems):
             text += "\nIf you trust the manifest's images elsewhere, allow them: " + (
                 "allow_outside = true in [options]." if audit else "--allow-images-outside.")

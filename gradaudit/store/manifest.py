@@ -79,6 +79,7 @@ def _id_of(rec: dict) -> str | None:
 
 
 def _short(value) -> str:
+    """``repr(value)`` cut to 40 characters: a reason quotes what the line holds, which may be long."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
