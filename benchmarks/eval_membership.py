@@ -54,18 +54,19 @@ def capture(root, model, corpus, size, preset, n_ref, n_probes, full, device, ba
     """One run folder: R from half of the first ``n_ref`` members, every set the evaluation scores."""
     run = os.path.join(root, "eval", os.path.basename(model["adapter"] or model["model"]), f"{preset}-ref{n_ref}")
     iid = audit_sets(root, corpus, size, n_ref, n_probes, "iid")
-    builders, fit_members = workflow.split_members(iid["reference_members"], run, "stop")
+    # audit_sets' manifests name images in the corpus folder, outside their own folder
+    builders, fit_members = workflow.split_members(iid["reference_members"], run, "stop", allow_outside=True)
     opts = dict(adapter=model["adapter"], preset=preset, batch_size=batch_size, device=device, progress=False,
-                prompt_format=FORMAT.spec)
+                allow_outside=True, prompt_format=FORMAT.spec)
     run_reference(model["model"], builders, run, **opts)
     sets = {"r_builders": builders, "reference_members": fit_members,
             "reference_nonmembers": iid["reference_nonmembers"], "probes": iid["probes"]}
     if full:
         shifted = audit_sets(root, corpus, size, n_ref, n_probes, "shifted")
-        shifted_probes = [p for p in read_manifest(shifted["probes"])[0] if p.label == 0]
+        shifted_probes = [p for p in read_manifest(shifted["probes"], allow_outside=True)[0] if p.label == 0]
         sets.update(reference_nonmembers_shifted=shifted["reference_nonmembers"],
                     probe_nonmembers_shifted=write_pairs(RunFolder(run).manifest_path("shifted"), shifted_probes),
-                    shuffled=workflow.association_manifest(iid["probes"], run, "stop"))
+                    shuffled=workflow.association_manifest(iid["probes"], run, "stop", allow_outside=True))
     for name, manifest in sets.items():
         run_extract(model["model"], manifest, run, name, **opts)
     return run

@@ -4,12 +4,15 @@ commands."""
 from __future__ import annotations
 
 import argparse
+import glob
+import os
 import sys
 
-from gradaudit.errors import (ConfigError, GradAuditError, LabelsMissing, ManifestError, ModelError, RunMismatch,
-                              StageMissing)
+from gradaudit.errors import (ConfigError, GradAuditError, LabelsMissing, ManifestError, ManifestsError, ModelError,
+                              OptionError, RunMismatch, StageMissing)
 from gradaudit.models.selection import PRESETS
 from gradaudit.ops.backends import NAMES as BACKENDS
+from gradaudit.store.manifest import OUTSIDE
 
 EXAMPLE = """example (a LLaVA checkpoint saved with save_pretrained, manifests of JSONL pairs):
   gradaudit layers ./llava-tiny --preset paper
@@ -31,7 +34,11 @@ def _common(p: argparse.ArgumentParser, with_data: bool = True) -> None:
         p.add_argument("--run", required=True, help="run folder: results go there; a rerun resumes")
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--on-error", default="stop", choices=["stop", "skip"],
-                       help="bad manifest lines: stop before any work (default) or skip them with a record")
+                       help="bad manifest lines: stop before any work (default) or skip them with a record "
+                            "in RUN/skipped/<set>.jsonl")
+        p.add_argument("--allow-images-outside", action="store_true",
+                       help="read images outside the manifest's folder (absolute paths elsewhere, ../); refused "
+                            "by default, since a manifest may come from someone else")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
         p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
         p.add_argument("--mode", default="eval", choices=["eval", "train"],
@@ -42,6 +49,17 @@ def _common(p: argparse.ArgumentParser, with_data: bool = True) -> None:
                        "'{image}Describe the card: {text}' (docs/data-and-runs.md); required unless the "
                        "model's processor fixes it")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _folds(text: str) -> int:
+    """--folds: an integer of at least 2 (cross-validation fits on all folds but one and scores that one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"cross-validation needs at least 2 folds; got {value}")
+    return value
 
 
 def main(argv=None) -> int:
@@ -89,7 +107,7 @@ def main(argv=None) -> int:
         p.add_argument("--run", required=True, help="run folder")
         p.add_argument("--method", default="auto", help="auto (default) or a variant: paper, loo, signed, "
                        "head-cosine, head-lognorm, head-both, combined; the stored fit is reused when it matches")
-        p.add_argument("--folds", type=int, default=5)
+        p.add_argument("--folds", type=_folds, default=5, help="cross-validation folds, at least 2 (default 5)")
         if command != "fit":
             p.add_argument("--set", dest="name", default="probes", help="the extracted set to score")
     args = ap.parse_args(argv)
@@ -98,6 +116,7 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "layers":
+            capture.Options.of(adapter=args.adapter, preset=args.preset, pattern=args.pattern)  # before loading
             print(capture.selection_table(args.model, args.preset, args.pattern, args.adapter))
             return 0
         if args.command == "formats":
@@ -115,33 +134,73 @@ def main(argv=None) -> int:
             from gradaudit.audit.claims import verdict
             from gradaudit.store import RunFolder
 
+            before = _skip_records(workflow.AuditConfig.load(args.config).run)
             result = workflow.run_audit(args.config, progress=not args.no_progress)
             folder = RunFolder(result["run"])
+            _report_skipped(result["run"], before)
             print(verdict(result))
             print(f"report: {folder.report_path('probes')}  pairs: {folder.pairs_csv_path('probes')}  "
                   f"metrics: {folder.metrics_path('probes')}")
             return 0
         kw = dict(adapter=args.adapter, preset=args.preset, pattern=args.pattern, batch_size=args.batch_size,
                   on_error=args.on_error, dtype=args.dtype, device=args.device, mode=args.mode,
-                  autocast=args.autocast, prompt_format=args.prompt_format, progress=not args.no_progress)
+                  autocast=args.autocast, prompt_format=args.prompt_format, progress=not args.no_progress,
+                  allow_outside=args.allow_images_outside)
+        before = _skip_records(args.run)
         if args.command == "reference":
             folder = capture.run_reference(args.model, args.manifest, args.run, **kw)
             print(f"reference written to {folder.reference_path}")
         else:
             folder = capture.run_extract(args.model, args.manifest, args.run, args.name, backend=args.backend, **kw)
             print(f"statistics of set '{args.name}' in {folder.path}/stats/{args.name}")
+        _report_skipped(args.run, before)
     except (GradAuditError, ValueError) as exc:  # ValueError: a bad argument caught deep in the library
         print(f"gradaudit {args.command}: {exc}{_advice(exc, args)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resumes = (" Run the same command again to resume: what was computed is kept."
+                   if args.command in ("reference", "extract", "audit") else "")
+        print(f"gradaudit {args.command}: interrupted.{resumes}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _skip_records(run: str) -> dict[str, tuple[int, int]]:
+    """The records of skipped manifest lines in a run folder (RUN/skipped/<set>.jsonl), each with its inode
+    and time: the run folder writes a record anew (a new file) every time, so a change tells a record
+    this command wrote from one an earlier command left."""
+    stamps = {}
+    for path in glob.glob(os.path.join(glob.escape(run), "skipped", "*.jsonl")):
+        st = os.stat(path)
+        stamps[path] = (st.st_ino, st.st_mtime_ns)
+    return stamps
+
+
+def _report_skipped(run: str, before: dict) -> None:
+    """Says how many manifest lines this command left out, per set, and where they are recorded."""
+    for path, stamp in sorted(_skip_records(run).items()):
+        if before.get(path) != stamp:
+            with open(path, encoding="utf-8") as f:
+                n = sum(1 for line in f if line.strip())
+            name = os.path.basename(path)[: -len(".jsonl")]
+            print(f"skipped {n} bad manifest line(s) of set '{name}'; they are listed in {path}", file=sys.stderr)
 
 
 def _advice(exc: Exception, args) -> str:
     """What to do about a library error, in terms of this command line."""
     run = getattr(args, "run", None) or "RUN"
+    audit = args.command == "audit"
     if isinstance(exc, ManifestError):
-        how = ('on_error = "skip" in [options]' if args.command == "audit" else "--on-error skip")
-        return f"\nFix those lines, or leave them out with a record: {how}."
+        text = "\nFix those lines, or leave them out with a record: " + (
+            'on_error = "skip" in [options].' if audit else "--on-error skip.")
+        problems = [p for e in (exc.errors if isinstance(exc, ManifestsError) else [exc]) for p in e.problems]
+        if any(OUTSIDE in p.reason for p in problems):
+            text += "\nIf you trust the manifest's images elsewhere, allow them: " + (
+                "allow_outside = true in [options]." if audit else "--allow-images-outside.")
+        return text
+    if isinstance(exc, OptionError) and exc.option == "device":
+        use = 'device = "cpu" in [options]' if audit else "--device cpu"
+        return f"\nUse {use}, or a machine whose torch sees the GPU."
     if isinstance(exc, StageMissing):
         return {"reference": f"\nRun `gradaudit reference --model MODEL --manifest MEMBERS --run {run}` first "
                              "(or `gradaudit audit CONFIG`).",
@@ -154,7 +213,7 @@ def _advice(exc: Exception, args) -> str:
         return "\nGive every pair of that set a label (1 member, 0 non-member) in its manifest, or use `gradaudit score`."
     if isinstance(exc, ModelError):
         return "\n`gradaudit layers MODEL --preset … --pattern …` shows what a selection picks."
-    if isinstance(exc, ConfigError) and args.command == "audit":
+    if isinstance(exc, ConfigError) and audit:
         return "\nSee `gradaudit audit --help` for the configuration's keys."
     return ""
 

@@ -46,3 +46,23 @@ class StageMissing(GradAuditError):
 
 class LabelsMissing(GradAuditError):
     """A set must carry a 0/1 label on every pair, both classes present, to be evaluated."""
+
+
+class OptionError(ConfigError):
+    """One option has a value of the wrong type or outside its choices. ``option`` names it as the
+    library's keyword and the audit file's key spell it ("batch_size", "device"), so that the command
+    line can point at its own flag."""
+
+    def __init__(self, option: str, message: str):
+        self.option = option
+        super().__init__(message)
+
+
+class ManifestsError(ManifestError):
+    """Bad lines in several manifests, all found before any work (an audit reads every manifest first).
+    ``errors`` holds one :class:`ManifestError` per file; ``path`` and ``problems`` are the first one's."""
+
+    def __init__(self, errors: list):
+        self.errors = errors
+        self.path, self.problems = errors[0].path, errors[0].problems
+        GradAuditError.__init__(self, "\n".join(str(e) for e in errors))

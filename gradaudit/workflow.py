@@ -14,22 +14,32 @@ sets it was made from are unchanged.
     probes = "probes.jsonl"           # the collection audited; "label" optional
     [options]
     method = "auto"                   # or paper, loo, signed, head-cosine, head-lognorm, head-both, combined
+    folds = 5                         # cross-validation folds, at least 2
     split_reference = true            # half the reference members build R, the other half fit the
                                       # method (scored as probes are); false: all build R, scored LOO
     association_test = false          # also score the probes labelled members (all, if unlabelled)
                                       # against their images with other probes' texts
     batch_size = 8
-    device = "cpu"
-    on_error = "stop"                 # or "skip"
+    device = "cpu"                    # or "cuda", "cuda:N"
+    on_error = "stop"                 # or "skip": leave bad manifest lines out, recorded in
+                                      # RUN/skipped/<set>.jsonl
+    allow_outside = false             # true: read images outside their manifest's folder
+    dtype = "float32"                 # or "bfloat16", "float16"; also backend = "auto",
+                                      # mode = "eval", autocast = "bfloat16" as in `gradaudit extract`
     prompt_format = "chat-template"   # how the model saw pairs in training: "chat-template", "plain" or a
                                       # template such as "{image}Describe the card: {text}" (required
                                       # unless the model's processor fixes it; docs/data-and-runs.md)
 
-Paths are relative to the TOML file.
+Paths are relative to the TOML file. Every key and value is checked, and every line of the three
+manifests read, before the model is loaded or anything is written: an unknown key, a value of the
+wrong type (split_reference = "no", batch_size = "8") or a bad manifest line stops the audit, naming
+the file and the key or line. A manifest's images must lie in its folder unless allow_outside = true.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass
@@ -42,47 +52,113 @@ from gradaudit.audit.method import SliceSet
 from gradaudit.audit.per_pair import Evaluation, Fit, ScoredSet
 from gradaudit.audit.variants import VARIANTS
 from gradaudit.capture import Options, run_extract, run_reference
-from gradaudit.errors import ConfigError
+from gradaudit.errors import ConfigError, ManifestError, ManifestsError, OptionError
 from gradaudit.report import render
-from gradaudit.store.manifest import read_manifest, shuffled_texts, write_pairs
+from gradaudit.store.cells import spreadsheet_safe
+from gradaudit.store.manifest import Pair, problems_as_records, read_manifest, shuffled_texts, write_pairs
 from gradaudit.store.runfolder import RunFolder
 
 SETS = ("reference_members", "reference_nonmembers", "probes")
 SHUFFLED = "~shuffled"  # id suffix of the association test's negatives
 
 
+KEYS = ("model", "run", "data", "adapter", "preset", "pattern", "options")
+# [options]: the audit's own, then those of the capture (the fields of capture.Options the file may set)
+AUDIT_OPTIONS = {"method": "auto", "folds": 5, "split_reference": True, "association_test": False}
+CAPTURE_OPTIONS = ("batch_size", "on_error", "dtype", "device", "backend", "mode", "autocast", "allow_outside")
+
+
 @dataclass
 class AuditConfig:
+    """An audit file, every key and value checked and every path resolved against the file's folder.
+    ``options`` holds the [options] the file gives; :meth:`option` reads one with its default."""
+
     model: str
     run: str
     data: dict
     adapter: str | None = None
     preset: str = "paper"
     pattern: str | None = None
-    options: dict | None = None
+    options: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str) -> AuditConfig:
+        """Reads and checks the file. Anything wrong raises :class:`ConfigError` (an
+        :class:`OptionError` for a bad value) naming the file and the key, before any other work."""
         try:
             with open(path, "rb") as f:
                 raw = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read the audit configuration {path}: {exc}") from exc
-        root = os.path.dirname(os.path.abspath(path))
-        missing = [k for k in ("model", "run", "data") if k not in raw]
-        missing += [f"data.{k}" for k in SETS if k not in raw.get("data", {})]
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:  # not UTF-8; nested deep
+            raise ConfigError(f"cannot read the audit configuration {path}: {type(exc).__name__}: {exc}") from None
+        for table in ("data", "options"):
+            if not isinstance(raw.get(table, {}), dict):
+                raise ConfigError(f"{path}: {table} must be a table ([{table}]); got {raw[table]!r}")
+        data, options = raw.get("data", {}), raw.get("options", {})
+        missing = [k for k in ("model", "run", "data") if k not in raw] + [f"data.{k}" for k in SETS if k not in data]
         if missing:
             raise ConfigError(f"{path}: missing {', '.join(missing)}")
-        unknown = set(raw) - {"model", "run", "data", "adapter", "preset", "pattern", "options"}
-        if unknown:
-            raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
+        for where, given, known in (("", raw, KEYS), ("[data] ", data, SETS),
+                                    ("[options] ", options, (*AUDIT_OPTIONS, *CAPTURE_OPTIONS))):
+            unknown = sorted(set(given) - set(known))
+            if unknown:
+                raise ConfigError(f"{path}: unknown {where}key(s) {unknown}; the keys are {', '.join(known)}")
+        for key, value in [*raw.items(), *((f"data.{k}", v) for k, v in data.items())]:
+            if key not in ("data", "options") and (not isinstance(value, str) or not value):
+                raise OptionError(key, f"{path}: {key} must be a non-empty string; got {value!r}")
+        _check_options(path, raw, options)
+        root = os.path.dirname(os.path.abspath(path))
 
         def resolve(p):
             return p if p is None or os.path.isabs(p) else os.path.normpath(os.path.join(root, p))
 
         return cls(model=resolve(raw["model"]), run=resolve(raw["run"]), adapter=resolve(raw.get("adapter")),
-                   data={k: resolve(raw["data"][k]) for k in SETS}, preset=raw.get("preset", "paper"),
-                   pattern=raw.get("pattern"), options=dict(raw.get("options", {})))
+                   data={k: resolve(data[k]) for k in SETS}, preset=raw.get("preset", "paper"),
+                   pattern=raw.get("pattern"), options=dict(options))
+
+    def option(self, key: str):
+        """The value of [options] ``key``, given or default."""
+        defaults = AUDIT_OPTIONS | {f.name: f.default for f in dataclasses.fields(Options)}
+        return self.options.get(key, defaults[key])
+
+    def check_manifests(self) -> None:
+        """Reads every manifest as the audit will, before a model is loaded or a file written: bad lines
+        (under on_error "stop") raise :class:`ManifestError` naming the user's own files and lines, all
+        of them at once; a split or an association test its manifest cannot feed raises ConfigError."""
+        read, errors = {}, []
+        for name in SETS:
+            try:
+                read[name] = read_manifest(self.data[name], self.option("on_error"),
+                                           allow_outside=self.option("allow_outside"))[0]
+            except ManifestError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0] if len(errors) == 1 else ManifestsError(errors)
+        if self.option("split_reference"):
+            _halves(read["reference_members"], self.data["reference_members"])
+        if self.option("association_test"):
+            _correct_probes(read["probes"], self.data["probes"])
+
+
+def _check_options(path: str, raw: dict, options: dict) -> None:
+    """The values of the audit's options and, through :class:`Options`, of the capture's; an error names
+    the file and the key as the file spells it."""
+    given = AUDIT_OPTIONS | options
+    method, folds = given["method"], given["folds"]
+    if not isinstance(method, str) or (method != "auto" and method not in VARIANTS):
+        raise OptionError("method", f"{path}: [options] method must be 'auto' or one of {sorted(VARIANTS)}; "
+                                    f"got {method!r}")
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise OptionError("folds", f"{path}: [options] folds must be an integer of at least 2 (cross-validation "
+                                   f"fits on all folds but one); got {folds!r}")
+    for key in ("split_reference", "association_test"):
+        if not isinstance(given[key], bool):
+            raise OptionError(key, f"{path}: [options] {key} must be true or false; got {given[key]!r}")
+    top = {k: raw[k] for k in ("adapter", "preset", "pattern") if k in raw}
+    try:
+        Options.of(**top, **{k: v for k, v in options.items() if k in CAPTURE_OPTIONS})
+    except OptionError as exc:
+        where = "" if exc.option in top else "[options] "
+        raise OptionError(exc.option, f"{path}: {where}{exc}") from None
 
 
 @dataclass
@@ -157,10 +233,11 @@ def context(run: str) -> dict:
 
 
 def write_pairs_csv(run: str, scored: ScoredSet) -> str:
-    """pairs.csv of a scored set: score, probability, verdict, the paper's score and every baseline."""
+    """pairs.csv of a scored set: score, probability, verdict, the paper's score and every baseline. An id
+    that a spreadsheet would run as a formula is written as text (``store.cells``)."""
     names = sorted(scored.baselines)
     s = scored.scores
-    rows = [[pid, f"{s['gradaudit'][i]:.6g}", f"{scored.probability[i]:.4f}",
+    rows = [[spreadsheet_safe(pid), f"{s['gradaudit'][i]:.6g}", f"{scored.probability[i]:.4f}",
              "member" if scored.probability[i] >= 0.5 else "non-member", f"{s['paper'][i]:.6g}",
              *[f"{s[k][i]:.6g}" for k in names], "" if scored.labels[i] is None else scored.labels[i]]
             for i, pid in enumerate(scored.ids)]
@@ -181,27 +258,53 @@ def write_outputs(run: str, fitted: Fit, scored: ScoredSet, evaluation: Evaluati
     return result
 
 
-def split_members(manifest: str, run: str, on_error: str) -> tuple[str, str]:
-    """Alternate lines of the reference members: the first half builds R, the second is scored against
-    it exactly as a member probe is (never in R). Scoring reference members leave-one-out instead was
-    measured optimistic for the logistic heads (1.00 out-of-fold against 0.72 on probes)."""
-    pairs = read_manifest(manifest, on_error)[0]
+def _halves(pairs: list[Pair], manifest: str) -> tuple[list[Pair], list[Pair]]:
+    """Alternate pairs of the reference members: (those that build R, those that fit the method)."""
     if len(pairs) < 4:
         raise ConfigError(f"{manifest}: splitting the reference members needs at least 4 pairs; got {len(pairs)}")
-    folder = RunFolder(run)
-    return (write_pairs(folder.manifest_path("r_builders"), pairs[0::2]),
-            write_pairs(folder.manifest_path("fit_members"), pairs[1::2]))
+    return pairs[0::2], pairs[1::2]
 
 
-def association_manifest(probes: str, run: str, on_error: str) -> str:
-    """The association test's negatives: the audited pairs labelled members (all of them when unlabelled),
-    each image with another of those pairs' texts."""
-    pairs = read_manifest(probes, on_error)[0]
+def _correct_probes(pairs: list[Pair], manifest: str) -> list[Pair]:
+    """The association test's correct pairs: the probes labelled members, or all of them when unlabelled."""
     correct = [p for p in pairs if p.label == 1] or [p for p in pairs if p.label is None]
     if len(correct) < 2:
-        raise ConfigError(f"{probes}: association_test needs at least 2 probes labelled 1 (or unlabelled)")
+        raise ConfigError(f"{manifest}: association_test needs at least 2 probes labelled 1 (or unlabelled)")
+    return correct
+
+
+def split_members(manifest: str, run: str, on_error: str, allow_outside: bool = False) -> tuple[str, str]:
+    """Alternate lines of the reference members: the first half builds R, the second is scored against
+    it exactly as a member probe is (never in R). Scoring reference members leave-one-out instead was
+    measured optimistic for the logistic heads (1.00 out-of-fold against 0.72 on probes). Lines left
+    out under "skip" are recorded as the set reference_members'. Each half keeps its pairs on their
+    lines of ``manifest``, so a problem found later names the user's line."""
+    pairs, problems = read_manifest(manifest, on_error, allow_outside=allow_outside)
+    builders, fitters = _halves(pairs, manifest)
+    folder = RunFolder(run)
+    folder.record_skipped("reference_members", problems_as_records(problems))
+    return (write_pairs(folder.manifest_path("r_builders"), builders, at_source_lines=True),
+            write_pairs(folder.manifest_path("fit_members"), fitters, at_source_lines=True))
+
+
+def association_manifest(probes: str, run: str, on_error: str, allow_outside: bool = False) -> str:
+    """The association test's negatives: the audited pairs labelled members (all of them when unlabelled),
+    each image with another of those pairs' texts, each on its line of ``probes``."""
+    correct = _correct_probes(read_manifest(probes, on_error, allow_outside=allow_outside)[0], probes)
     return write_pairs(RunFolder(run).manifest_path("shuffled"), correct, texts=shuffled_texts(correct),
-                       id_suffix=SHUFFLED)
+                       id_suffix=SHUFFLED, at_source_lines=True)
+
+
+@contextlib.contextmanager
+def _named_after_sources(sources: dict[str, str]):
+    """A bad line found in a manifest the audit derived is reported in the user's manifest it came from
+    (``sources``: derived path → user's path); the derived manifests keep the user's line numbers."""
+    try:
+        yield
+    except ManifestError as exc:
+        if exc.path not in sources:
+            raise
+        raise ManifestError(sources[exc.path], exc.problems) from None
 
 
 def association(run: str, fitted: Fit, scored: ScoredSet) -> dict:
@@ -215,28 +318,32 @@ def association(run: str, fitted: Fit, scored: ScoredSet) -> dict:
 
 
 def run_audit(config_path: str, progress: bool = True) -> dict:
-    """Runs (or resumes) the audit a TOML file describes; returns the metrics written to metrics.json."""
+    """Runs (or resumes) the audit a TOML file describes; returns the metrics written to metrics.json.
+    Every key, value and manifest line is checked before a model is loaded or a file written."""
     cfg = AuditConfig.load(config_path)
-    opts = dict(cfg.options)
-    method = opts.pop("method", "auto")
-    folds = int(opts.pop("folds", 5))
-    if method != "auto" and method not in VARIANTS:
-        raise ConfigError(f"options.method must be 'auto' or one of {sorted(VARIANTS)}; got {method!r}")
-    split = bool(opts.pop("split_reference", True))
-    with_association = bool(opts.pop("association_test", False))
-    capture = dict(adapter=cfg.adapter, preset=cfg.preset, pattern=cfg.pattern, progress=progress, **opts)
-    Options.of(**capture)  # checks the option names and values before any work
-    manifests = dict(cfg.data)
-    on_error = capture.get("on_error", "stop")
+    cfg.check_manifests()
+    capture = dict(adapter=cfg.adapter, preset=cfg.preset, pattern=cfg.pattern, progress=progress,
+                   **{k: v for k, v in cfg.options.items() if k in CAPTURE_OPTIONS})
+    split, with_association = cfg.option("split_reference"), cfg.option("association_test")
+    on_error, allow_outside = cfg.option("on_error"), cfg.option("allow_outside")
+    manifests, sources = dict(cfg.data), {}  # sources: a manifest derived here → the user's it comes from
     if split:
-        manifests["builders"], manifests["reference_members"] = split_members(cfg.data["reference_members"], cfg.run,
-                                                                              on_error)
-    run_reference(cfg.model, manifests["builders" if split else "reference_members"], cfg.run, **capture)
+        halves = split_members(cfg.data["reference_members"], cfg.run, on_error, allow_outside)
+        manifests["builders"], manifests["reference_members"] = halves
+        sources.update(dict.fromkeys(halves, cfg.data["reference_members"]))
     if with_association:
-        manifests["shuffled"] = association_manifest(cfg.data["probes"], cfg.run, on_error)
-    for name in SETS + (("shuffled",) if with_association else ()):
-        run_extract(cfg.model, manifests[name], cfg.run, name, **capture)
-    fitted = fit(cfg.run, method, folds)
+        manifests["shuffled"] = association_manifest(cfg.data["probes"], cfg.run, on_error, allow_outside)
+        sources[manifests["shuffled"]] = cfg.data["probes"]
+
+    def options_for(manifest):  # a derived manifest names images already checked, by absolute paths
+        return dict(capture, allow_outside=True) if manifest in sources else capture
+
+    with _named_after_sources(sources):
+        builders = manifests["builders" if split else "reference_members"]
+        run_reference(cfg.model, builders, cfg.run, **options_for(builders))
+        for name in SETS + (("shuffled",) if with_association else ()):
+            run_extract(cfg.model, manifests[name], cfg.run, name, **options_for(manifests[name]))
+    fitted = fit(cfg.run, cfg.option("method"), cfg.option("folds"))
     scored = score(cfg.run, "probes", fitted)
     write_pairs_csv(cfg.run, scored)
     evaluation = per_pair.evaluate(scored) if scored.labelled else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -15,8 +16,10 @@ from tqdm.auto import tqdm
 
 from gradaudit.capture.engine import batch_stats, reference_sums
 from gradaudit.capture.format_check import candidates, format_table, rank_formats
-from gradaudit.errors import ConfigError, ManifestError, RunMismatch
-from gradaudit.models import batch_layout, encode_pairs, fingerprint, load_model, prompt_format, select_targets
+from gradaudit.errors import ConfigError, ManifestError, OptionError, RunMismatch
+from gradaudit.models import PRESETS, batch_layout, encode_pairs, fingerprint, load_model, prompt_format, select_targets
+from gradaudit.models.loading import DTYPES
+from gradaudit.ops.backends import NAMES as BACKENDS
 from gradaudit.store.manifest import Pair, Problem, batches_by_length, problems_as_records, read_manifest
 from gradaudit.store.runfolder import RunFolder
 
@@ -26,7 +29,12 @@ class Options:
     """How a capture runs. ``mode`` "train" keeps dropout on (then no leave-one-out later: the
     statistics pass does not see the gradients that built R); ``autocast`` "bfloat16" runs the forward
     under autocast; ``prompt_format`` is how pairs become the model's text ("chat-template", "plain" or a
-    template: gradaudit.models.formats). All three are part of the run's fingerprint."""
+    template: gradaudit.models.formats). All three are part of the run's fingerprint. ``allow_outside``:
+    read images outside a manifest's folder (refused by default: a manifest may come from someone else).
+
+    Every value is checked when the options are made, before a model is loaded, since they come from
+    a command line or a TOML file: a wrong type, an unknown choice, a regular expression that does not
+    compile or a device this machine lacks raises :class:`OptionError` naming the option."""
 
     adapter: str | None = None
     preset: str = "paper"
@@ -40,6 +48,7 @@ class Options:
     autocast: str | None = None
     prompt_format: str | None = None
     progress: bool = True
+    allow_outside: bool = False
 
     @classmethod
     def of(cls, **options) -> Options:
@@ -51,12 +60,44 @@ class Options:
         return cls(**options)
 
     def __post_init__(self):
-        if self.mode not in ("eval", "train"):
-            raise ConfigError(f"mode must be 'eval' or 'train'; got {self.mode!r}")
-        if self.autocast not in (None, "bfloat16", "float16"):
-            raise ConfigError(f"autocast must be None, 'bfloat16' or 'float16'; got {self.autocast!r}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be at least 1; got {self.batch_size}")
+        choices = {"preset": PRESETS, "on_error": ("stop", "skip"), "dtype": tuple(DTYPES), "backend": BACKENDS,
+                   "mode": ("eval", "train"), "autocast": (None, "bfloat16", "float16")}
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if not (value is None or isinstance(value, str)) or value not in allowed:
+                raise OptionError(name, f"{name} must be one of {allowed}; got {value!r}")
+        for name in ("adapter", "pattern"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise OptionError(name, f"{name} must be a non-empty string; got {value!r}")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise OptionError("pattern", f"pattern {self.pattern!r} is not a regular expression: {exc}") from None
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise OptionError("batch_size", f"batch_size must be an integer of at least 1; got {self.batch_size!r}")
+        for name in ("progress", "allow_outside"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(name, f"{name} must be true or false; got {getattr(self, name)!r}")
+        self._check_device(self.device)
+
+    @staticmethod
+    def _check_device(device) -> None:
+        """A device string this machine can run on: "cpu" or "cuda[:N]" with that GPU present."""
+        try:
+            parsed = torch.device(device) if isinstance(device, str) else None
+        except RuntimeError:  # torch's own message lists every device type it knows
+            parsed = None
+        if parsed is None or parsed.type not in ("cpu", "cuda"):
+            raise OptionError("device", f"device must be 'cpu' or 'cuda[:N]'; got {device!r}")
+        count = torch.cuda.device_count() if parsed.type == "cuda" and torch.cuda.is_available() else 0
+        if parsed.type == "cuda" and count == 0:
+            raise OptionError("device", f"device {device!r} needs CUDA, which this machine's torch does not see "
+                                        "(torch.cuda.is_available() is False)")
+        if parsed.type == "cuda" and parsed.index is not None and parsed.index >= count:
+            raise OptionError("device", f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                                        f"cuda:{count - 1}")
 
 
 def _setup(model_dir, run, opt: Options):
@@ -97,8 +138,8 @@ def _too_long(processor, model, pairs: list[Pair], opt: Options) -> list[Problem
     return problems
 
 
-def _pairs(manifest, processor, model, opt: Options):
-    pairs, problems = read_manifest(manifest, opt.on_error)
+def _pairs(manifest, opt: Options, processor, model):
+    pairs, problems = read_manifest(manifest, opt.on_error, allow_outside=opt.allow_outside)
     long = _too_long(processor, model, pairs, opt)
     if long and opt.on_error == "stop":
         raise ManifestError(manifest, long)
@@ -153,7 +194,7 @@ def run_reference(model_dir: str, manifest: str, run: str, **options) -> RunFold
     run folder; rerunning continues where it stopped. ``options``: the fields of :class:`Options`."""
     opt = Options.of(**options)
     model, processor, targets, folder = _setup(model_dir, run, opt)
-    pairs, problems = _pairs(manifest, processor, model, opt)
+    pairs, problems = _pairs(manifest, opt, processor, model)
     folder.record_skipped("reference", problems_as_records(problems))
     sums, ids, complete = folder.load_reference()
     if complete:
@@ -200,7 +241,7 @@ def run_extract(model_dir: str, manifest: str, run: str, name: str, **options) -
     model, processor, targets, folder = _setup(model_dir, run, opt)
     refs, _, ref_sha = folder.reference()
     refs = {k: v.to(opt.device) for k, v in refs.items()}
-    pairs, problems = _pairs(manifest, processor, model, opt)
+    pairs, problems = _pairs(manifest, opt, processor, model)
     folder.record_skipped(name, problems_as_records(problems))
     done = folder.done_ids(name, ref_sha)
 

@@ -10,6 +10,9 @@ per sample b with G_b = grad_out[b]ᵀ x[b]::
 
 G_b is never materialised by the ``triton`` and ``cpp`` backends. Results are float32 (docs/kernels.md).
 
+Inputs that require grad are accepted on every backend: the statistics are computed from their values
+(detached) and carry no gradient themselves.
+
 Non-finite inputs: a NaN or infinity in sample b's rows of x or grad_out (or in R) makes some of
 sample b's statistics non-finite, as the arithmetic dictates; the other samples' statistics are
 unaffected. Nothing raises: check ``torch.isfinite`` on the results if that matters to you.
@@ -38,6 +41,8 @@ def _check_args(x, grad_out, offsets, ref) -> None:
             raise ValueError(f"{name} must be a torch.Tensor of shape {dims}; got {type(t).__name__}")
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D {dims}; got shape {tuple(t.shape)}")
+        if t.layout != torch.strided:
+            raise ValueError(f"{name} must be a dense (strided) tensor; got layout {t.layout}")
         if t.dtype not in _DTYPES:
             raise ValueError(f"{name} must be float32, float16 or bfloat16; got {t.dtype}")
     if grad_out.shape[0] != x.shape[0]:
@@ -79,13 +84,29 @@ def _check_offsets(bounds: list[int], num_tokens: int) -> None:
             )
 
 
+def _as_offsets(offsets) -> torch.Tensor:
+    """``offsets`` as a tensor, refusing what would be truncated or cannot be read as integers."""
+    if isinstance(offsets, torch.Tensor):
+        return offsets
+    try:
+        tensor = torch.as_tensor(offsets)
+    except (TypeError, ValueError, RuntimeError) as exc:  # None, strings, ragged lists, beyond int64
+        raise ValueError(f"offsets must be a 1-D list or tensor of integers; got {offsets!r} ({exc})") from None
+    if tensor.is_floating_point() or tensor.is_complex():
+        raise ValueError(f"offsets must be integers; got {offsets!r}, which would be truncated")
+    return tensor
+
+
 def _run(x, grad_out, offsets, ref, backend: str):
     """Checks the offsets' values, picks each sample's route and runs one backend; returns four tensors,
-    the dots None without R."""
+    the dots None without R. A weight with no rows or no columns takes the torch route whatever the
+    backend: its statistics are empty or zero, and the compiled kernels need at least one of each."""
     bounds = offsets.tolist()
     _check_offsets(bounds, x.shape[0])
     chosen = resolve(backend, x.device)
     d_in, d_out = x.shape[1], grad_out.shape[1]
+    if d_in == 0 or d_out == 0:
+        chosen = resolve("torch", x.device)
     gram = [ref is None and gram_is_cheaper(e - s, d_in, d_out, chosen.gram_slowdown)
             for s, e in zip(bounds[:-1], bounds[1:])]
     return chosen.runner()(x, grad_out, bounds, ref, gram)
@@ -122,20 +143,25 @@ def slice_stats(
         x: (N_tok, d_in) layer inputs, float32, float16 or bfloat16, any strides, CPU or CUDA.
         grad_out: (N_tok, d_out) gradients at the layer's output, same dtype and device as x.
         offsets: (B+1,) int64 sample boundaries from 0 to N_tok, non-decreasing (a sample may have no
-            tokens); on the CPU or x's device. None means one sample holding every token.
+            tokens); on the CPU or x's device; a list of ints will do. None means one sample holding
+            every token. Floats are refused, not truncated.
         ref: optional reference R (d_out, d_in), float32 or x's dtype, on x's device.
         backend: "auto" (fastest available), "triton", "cpp" or "torch".
 
     Returns:
         :class:`SliceStats` with row_sq, row_dot (B, d_out) and col_sq, col_dot (B, d_in), float32;
-        row_dot and col_dot are None when ref is None.
+        row_dot and col_dot are None when ref is None. They carry no gradient, even when the inputs
+        require grad (the statistics are computed from the inputs' detached values).
     """
     if offsets is None:
         n = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() >= 1 else 0
         offsets = torch.tensor([0, n], dtype=torch.int64)
-    elif not isinstance(offsets, torch.Tensor):
-        offsets = torch.as_tensor(offsets, dtype=torch.int64)
+    offsets = _as_offsets(offsets)
     _check_args(x, grad_out, offsets, ref)
+    # Backends that write into preallocated outputs (cpp) refuse inputs that require grad; none of
+    # them is differentiable, so every backend sees the detached values.
+    x, grad_out = x.detach(), grad_out.detach()
+    ref = ref.detach() if ref is not None else None
     if backend not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}; got {backend!r}")
     if offsets.dtype != torch.int64:

@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     with open(config, "w") as f:
         f.write(f'model = "{model["model"]}"\nadapter = "{model["adapter"]}"\nrun = "{run}"\npreset = "paper"\n'
                 "[data]\n" + "".join(f'{k} = "{sets[k]}"\n' for k in ("reference_members", "reference_nonmembers", "probes"))
-                + "[options]\nbatch_size = 16\nassociation_test = true\nprompt_format = \"chat-template\"\n")
+                # the audit's manifests name images in the corpus folder beside them
+                + "[options]\nbatch_size = 16\nassociation_test = true\nallow_outside = true\nprompt_format = \"chat-template\"\n")
     command = [sys.executable, "-m", "gradaudit", "audit", config]
     print(f"\n$ gradaudit audit {config}", flush=True)
     t = time.time()

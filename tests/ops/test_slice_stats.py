@@ -229,6 +229,12 @@ def test_empty_batch(backend):
         (dict(offsets=[1, 4]), "from 0 to N_tok=4"),
         (dict(offsets=torch.tensor([[0, 4]])), "offsets must be 1-D"),
         (dict(offsets=torch.tensor([0.0, 4.0])), "offsets must be int64"),
+        (dict(offsets=[0, 1.5, 4]), "offsets must be integers"),
+        (dict(offsets=[0.0, 1.0, 4.0]), "offsets must be integers"),
+        (dict(offsets=[0, None, 4]), "offsets must be a 1-D list or tensor of integers"),
+        (dict(offsets=[0, 2**70]), "offsets must be a 1-D list or tensor of integers"),
+        (dict(offsets="04"), "offsets must be a 1-D list or tensor of integers"),
+        (dict(x=torch.randn(4, 3).to_sparse()), "x must be a dense"),
         (dict(ref=torch.randn(3, 2)), r"ref must have shape \(d_out, d_in\) = \(2, 3\)"),
         (dict(ref=torch.randn(2, 3, dtype=torch.float64)), "ref must be float32"),
         (dict(backend="cuda"), "backend must be one of"),
@@ -240,6 +246,32 @@ def test_bad_arguments_raise_clear_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         slice_stats(args.pop("x"), args.pop("grad_out"), args.pop("offsets"), args.pop("ref"), **args)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_inputs_that_require_grad_give_the_same_statistics(backend):
+    """Every backend takes inputs that require grad (a hook's tensors, a leaf being trained); the
+    statistics are those of the values and carry no gradient."""
+    x, g, off, r = _inputs([3, 0, 6], 11, 9, seed=5)
+    plain = slice_stats(x, g, off, r, backend=backend)
+    tracked = [t.clone().requires_grad_() for t in (x, g, r)]
+    stats = slice_stats(*tracked[:2], off, tracked[2], backend=backend)
+    for key in KEYS:
+        assert torch.equal(getattr(stats, key), getattr(plain, key)) and not getattr(stats, key).requires_grad, key
+    padded = slice_stats_padded(tracked[0][:6].reshape(2, 3, 11), tracked[1][:6].reshape(2, 3, 9),
+                                torch.ones(2, 3), backend=backend)
+    assert not padded.row_sq.requires_grad
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("d_in,d_out", [(0, 3), (4, 0), (0, 0)])
+def test_weights_without_rows_or_columns(backend, d_in, d_out):
+    """A weight with no rows or columns has empty or zero statistics on every backend."""
+    x, g, off, r = _inputs([2, 0, 3], d_in, d_out, seed=1)
+    stats = slice_stats(x, g, off, r, backend=backend)
+    assert stats.row_sq.shape == stats.row_dot.shape == (3, d_out) and stats.col_dot.shape == (3, d_in)
+    for key in KEYS:
+        assert not getattr(stats, key).any(), key
 
 
 def test_padded_helper_checks_shapes():
