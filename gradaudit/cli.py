@@ -8,8 +8,8 @@ import glob
 import os
 import sys
 
-from gradaudit.errors import (ConfigError, GradAuditError, LabelsMissing, ManifestError, ManifestsError, ModelError,
-                              OptionError, RunMismatch, StageMissing)
+from gradaudit.errors import (ConfigError, FormatMissing, GradAuditError, LabelsMissing, ManifestError, ManifestsError,
+                              ModelError, OptionError, RunMismatch, StageMissing)
 from gradaudit.models.selection import PRESETS
 from gradaudit.ops.backends import NAMES as BACKENDS
 from gradaudit.store.manifest import OUTSIDE
@@ -201,6 +201,10 @@ def _advice(exc: Exception, args) -> str:
     if isinstance(exc, OptionError) and exc.option == "device":
         use = 'device = "cpu" in [options]' if audit else "--device cpu"
         return f"\nUse {use}, or a machine whose torch sees the GPU."
+    if isinstance(exc, FormatMissing):
+        state = "prompt_format = … in [options]" if audit else "--prompt-format …"
+        return (f"\nState how the model was trained to see a pair: {state}. `gradaudit formats --model MODEL "
+                "--manifest MEMBERS` ranks the candidates by how well your known members fit them.")
     if isinstance(exc, StageMissing):
         return {"reference": f"\nRun `gradaudit reference --model MODEL --manifest MEMBERS --run {run}` first "
                              "(or `gradaudit audit CONFIG`).",

@@ -66,3 +66,7 @@ class ManifestsError(ManifestError):
         self.errors = errors
         self.path, self.problems = errors[0].path, errors[0].problems
         GradAuditError.__init__(self, "\n".join(str(e) for e in errors))
+
+
+class FormatMissing(ConfigError):
+    """No prompt format was stated for a model whose processor does not fix one."""

@@ -65,7 +65,8 @@ SHUFFLED = "~shuffled"  # id suffix of the association test's negatives
 KEYS = ("model", "run", "data", "adapter", "preset", "pattern", "options")
 # [options]: the audit's own, then those of the capture (the fields of capture.Options the file may set)
 AUDIT_OPTIONS = {"method": "auto", "folds": 5, "split_reference": True, "association_test": False}
-CAPTURE_OPTIONS = ("batch_size", "on_error", "dtype", "device", "backend", "mode", "autocast", "allow_outside")
+CAPTURE_OPTIONS = ("batch_size", "on_error", "dtype", "device", "backend", "mode", "autocast", "allow_outside",
+                   "prompt_format")
 
 
 @dataclass

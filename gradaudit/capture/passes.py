@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from gradaudit.capture.engine import batch_stats, reference_sums
 from gradaudit.capture.format_check import candidates, format_table, rank_formats
 from gradaudit.errors import ConfigError, ManifestError, OptionError, RunMismatch
-from gradaudit.models import PRESETS, batch_layout, encode_pairs, fingerprint, load_model, prompt_format, select_targets
+from gradaudit.models import (PRESETS, PromptFormat, batch_layout, encode_pairs, fingerprint, load_model, prompt_format,
+                              select_targets)
 from gradaudit.models.loading import DTYPES
 from gradaudit.ops.backends import NAMES as BACKENDS
 from gradaudit.store.manifest import Pair, Problem, batches_by_length, problems_as_records, read_manifest
@@ -80,6 +81,11 @@ class Options:
         for name in ("progress", "allow_outside"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(name, f"{name} must be true or false; got {getattr(self, name)!r}")
+        if self.prompt_format is not None:
+            try:
+                PromptFormat(self.prompt_format)
+            except ConfigError as exc:
+                raise OptionError("prompt_format", str(exc)) from None
         self._check_device(self.device)
 
     @staticmethod

@@ -20,7 +20,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
-from gradaudit.errors import ConfigError, ModelError
+from gradaudit.errors import ConfigError, FormatMissing, ModelError
 
 CHAT_TEMPLATE = "chat-template"
 PLAIN = "plain"
@@ -112,5 +112,5 @@ def resolve(stated: str | None, processor, native: str | None = None) -> PromptF
         return PromptFormat(native)
     options = (["'chat-template' (the folder has one)"] if chat_templated(processor) else []) + [
         "'plain'", "a template such as '{image}{prompt}{text}'"]
-    raise ConfigError("the prompt format is not stated: how the model was trained to see an image, a prompt and "
+    raise FormatMissing("the prompt format is not stated: how the model was trained to see an image, a prompt and "
                       f"a text decides every score. This model folder can take {', '.join(options)}")

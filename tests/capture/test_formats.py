@@ -112,7 +112,8 @@ def test_the_reference_pass_refuses_an_unstated_format_and_warns_of_a_worse_one(
     root, _, _ = trained_in_card_format
     common = ["reference", "--model", str(root / "model"), "--manifest", str(root / "members.jsonl"), "--no-progress"]
     assert main(common + ["--run", str(root / "run0")]) == 2
-    assert "prompt format is not stated" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "prompt format is not stated" in err and "--prompt-format" in err and "gradaudit formats" in err
     assert not (root / "run0" / "reference.safetensors").exists()
     assert main(common + ["--run", str(root / "run1"), "--prompt-format", LEGACY]) == 0
     err = capsys.readouterr().err

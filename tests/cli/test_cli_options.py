@@ -15,7 +15,9 @@ WORDS = ["red", "blue", "green", "small", "large", "square", "circle", "dot", "l
 
 
 def _run(*args):
-    return main([str(a) for a in args])
+    """The command line; capture commands state the tiny model's prompt format (its chat template)."""
+    stated = ["--prompt-format", "chat-template"] if args[0] in ("reference", "extract") else []
+    return main([str(a) for a in args] + stated)
 
 
 def _text(i):
@@ -122,7 +124,7 @@ def _audit(saved, name, members, probes, options=""):
     config = saved / f"{name}.toml"
     config.write_text(f'model = "model"\nrun = "run_{name}"\n[data]\nreference_members = "{name}_members.jsonl"\n'
                       f'reference_nonmembers = "{name}_nonmembers.jsonl"\nprobes = "{name}_probes.jsonl"\n'
-                      f"[options]\nfolds = 2\n{options}")
+                      f'[options]\nfolds = 2\nprompt_format = "chat-template"\n{options}')
     return config
 
 
