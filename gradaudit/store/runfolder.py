@@ -76,9 +76,11 @@ class StoredSet:
 
 
 class RunFolder:
+    """The run folder at ``path``. Making one creates nothing: only writing creates the folder (and the
+    folders inside it), so a reader given a mistyped path fails instead of leaving an empty folder."""
+
     def __init__(self, path: str):
         self.path = path
-        os.makedirs(path, exist_ok=True)
 
     def _file(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
@@ -104,9 +106,14 @@ class RunFolder:
             raise RunMismatch(f"{self.path} holds results of another run: "
                               f"{', '.join(what[k] for k in differs)} differ(s)")
 
+    def _nothing_captured(self) -> StageMissing:
+        if not os.path.isdir(self.path):
+            return StageMissing(self.path, "reference", "no run folder here: nothing was captured into it")
+        return StageMissing(self.path, "reference", "nothing was captured into this run folder yet")
+
     def fingerprint(self) -> dict:
         if not os.path.exists(self.fingerprint_path):
-            raise StageMissing(self.path, "reference", "nothing was captured into this run folder yet")
+            raise self._nothing_captured()
         with open(self.fingerprint_path) as f:
             return json.load(f)
 
@@ -120,6 +127,8 @@ class RunFolder:
         return self._file("reference_norms.safetensors")
 
     def _reference_incomplete(self) -> StageMissing:
+        if not os.path.exists(self.reference_path):
+            return self._nothing_captured()
         return StageMissing(self.path, "reference", "the reference pass has not finished")
 
     def save_reference(self, sums: dict[str, torch.Tensor], ids: list[str], complete: bool) -> None:
@@ -247,10 +256,8 @@ class RunFolder:
 
     # manifests the audit derives -----------------------------------------------------------------
     def manifest_path(self, name: str) -> str:
-        """Where a manifest the audit derives is kept (the caller writes it)."""
-        path = self._file("manifests", f"{_plain_name('manifest', name)}.jsonl")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        return path
+        """Where a manifest the audit derives is kept (the caller writes it, creating the folder)."""
+        return self._file("manifests", f"{_plain_name('manifest', name)}.jsonl")
 
     # the fit ---------------------------------------------------------------------------------------
     def save_fit(self, summary: dict, arrays: dict[str, np.ndarray]) -> None:
@@ -271,11 +278,10 @@ class RunFolder:
 
     # results per set -------------------------------------------------------------------------------
     def results_dir(self, name: str) -> str:
-        path = self._file("results", _plain_name("set", name))
-        os.makedirs(path, exist_ok=True)
-        return path
+        return self._file("results", _plain_name("set", name))
 
     def figure_path(self, name: str, figure: str) -> str:
+        """Where the report writes a figure; its folder is created, as the caller writes there at once."""
         path = os.path.join(self.results_dir(name), "figures", f"{figure}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return path
