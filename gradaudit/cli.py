@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gradaudit.errors import (ConfigError, GradAuditError, LabelsMissing, ManifestError, ModelError, RunMismatch,
-                              StageMissing)
+from gradaudit.errors import (ConfigError, GradAuditError, LabelsMissing, ManifestError, ModelError, RunBusy,
+                              RunMismatch, StageMissing)
 from gradaudit.models.selection import PRESETS
 from gradaudit.ops.backends import NAMES as BACKENDS
 
@@ -117,6 +117,9 @@ def main(argv=None) -> int:
 def _advice(exc: Exception, args) -> str:
     """What to do about a library error, in terms of this command line."""
     run = getattr(args, "run", None) or "RUN"
+    if isinstance(exc, RunBusy):
+        return ("\nWait until that command has finished (or stop it), then run this one again. A writer that was "
+                "killed holds no lock.")
     if isinstance(exc, ManifestError):
         how = ('on_error = "skip" in [options]' if args.command == "audit" else "--on-error skip")
         return f"\nFix those lines, or leave them out with a record: {how}."

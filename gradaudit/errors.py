@@ -46,3 +46,14 @@ class StageMissing(GradAuditError):
 
 class LabelsMissing(GradAuditError):
     """A set must carry a 0/1 label on every pair, both classes present, to be evaluated."""
+
+
+class RunBusy(GradAuditError):
+    """Another process holds the run folder's writer lock; ``holder`` is what it recorded of itself
+    (``pid``, ``command``, ``argv``, ``since``; empty if it had not written that yet)."""
+
+    def __init__(self, run: str, holder: dict):
+        self.run, self.holder = run, holder
+        who = (f"pid {holder.get('pid')}, {holder.get('command')} (`{' '.join(holder.get('argv', []))}`), since "
+               f"{holder.get('since')}" if holder else "a writer that has not recorded itself yet")
+        super().__init__(f"{run} is in use by another writer: {who}; nothing was changed")

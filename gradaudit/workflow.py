@@ -122,15 +122,16 @@ def fit(run: str, method: str = "auto", folds: int = 5) -> Fit:
     if method != "auto" and method not in VARIANTS:
         raise ConfigError(f"method must be 'auto' or one of {sorted(VARIANTS)}; got {method!r}")
     folder = RunFolder(run)
-    request = _fit_request(folder, method, folds)
-    if folder.has_fit():
-        meta, arrays = folder.load_fit()
-        if meta["request"] == request:
-            return Fit.restore(meta["fit"], arrays)
-    result = fit_sets(run, method=method, folds=folds)
-    meta, arrays = result.export()
-    folder.save_fit({"request": request, "fit": meta, "summary": result.summary()}, arrays)
-    return result
+    with folder.writing("fit", create=False):  # the sets it reads and the fit it writes stay as they are
+        request = _fit_request(folder, method, folds)
+        if folder.has_fit():
+            meta, arrays = folder.load_fit()
+            if meta["request"] == request:
+                return Fit.restore(meta["fit"], arrays)
+        result = fit_sets(run, method=method, folds=folds)
+        meta, arrays = result.export()
+        folder.save_fit({"request": request, "fit": meta, "summary": result.summary()}, arrays)
+        return result
 
 
 def stored_fit(run: str) -> Fit:
@@ -211,8 +212,15 @@ def association(run: str, fitted: Fit, scored: ScoredSet) -> dict:
 
 
 def run_audit(config_path: str, progress: bool = True) -> dict:
-    """Runs (or resumes) the audit a TOML file describes; returns the metrics written to metrics.json."""
+    """Runs (or resumes) the audit a TOML file describes; returns the metrics written to metrics.json.
+    Holds the run folder's writer lock throughout: another writer is refused, not interleaved."""
     cfg = AuditConfig.load(config_path)
+    with RunFolder(cfg.run).writing("audit"):
+        return _audit(cfg, config_path, progress)
+
+
+def _audit(cfg: AuditConfig, config_path: str, progress: bool) -> dict:
+    """The audit's steps, under the writer lock."""
     opts = dict(cfg.options)
     method = opts.pop("method", "auto")
     folds = int(opts.pop("folds", 5))

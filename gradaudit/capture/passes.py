@@ -56,15 +56,15 @@ class Options:
             raise ConfigError(f"batch_size must be at least 1; got {self.batch_size}")
 
 
-def _setup(model_dir, run, opt: Options):
+def _setup(model_dir, folder: RunFolder, opt: Options):
+    """The model, its processor and selected weights; binds the run folder to their fingerprint."""
     model, processor = load_model(model_dir, adapter=opt.adapter, dtype=opt.dtype, device=opt.device)
     model.train(opt.mode == "train")
     targets = select_targets(model, opt.preset, opt.pattern)
-    folder = RunFolder(run)
     folder.bind(fingerprint(model, targets) | {"mode": opt.mode, "autocast": opt.autocast,  # compared
                                                "model": os.path.abspath(model_dir),  # recorded only
                                                "model_type": model.config.model_type, "adapter": opt.adapter})
-    return model, processor, targets, folder
+    return model, processor, targets
 
 
 def _too_long(processor, model, pairs: list[Pair]) -> list[Problem]:
@@ -130,15 +130,25 @@ def _autocast(opt: Options):
 
 def run_reference(model_dir: str, manifest: str, run: str, **options) -> RunFolder:
     """Sums each selected weight's gradient over the manifest's pairs (the reference members) into the
-    run folder; rerunning continues where it stopped. ``options``: the fields of :class:`Options`."""
+    run folder; rerunning continues where it stopped. Holds the folder's writer lock throughout (another
+    writer is refused). ``options``: the fields of :class:`Options`."""
     opt = Options.of(**options)
-    model, processor, targets, folder = _setup(model_dir, run, opt)
+    folder = RunFolder(run)
+    with folder.writing("reference pass"):
+        _reference_pass(model_dir, manifest, folder, opt)
+    return folder
+
+
+def _reference_pass(model_dir: str, manifest: str, folder: RunFolder, opt: Options) -> None:
+    """The reference pass, under the writer lock."""
+    run = folder.path
+    model, processor, targets = _setup(model_dir, folder, opt)
     pairs, problems = _pairs(manifest, opt.on_error, processor, model)
     folder.record_skipped("reference", problems_as_records(problems))
     sums, ids, complete = folder.load_reference()
     if complete:
         print(f"{run}: the reference pass is complete ({len(ids)} pairs)", file=sys.stderr)
-        return folder
+        return
     unknown = set(ids) - {p.id for p in pairs}
     if unknown:
         raise RunMismatch(f"{run} holds a partial reference over ids not in {manifest} (e.g. {sorted(unknown)[:3]})")
@@ -168,14 +178,22 @@ def run_reference(model_dir: str, manifest: str, run: str, **options) -> RunFold
         save()
         raise
     save(complete=True)
-    return folder
 
 
 def run_extract(model_dir: str, manifest: str, run: str, name: str, **options) -> RunFolder:
     """Per-sample statistics of the manifest's pairs against the run's R, stored as set ``name``, a
-    chunk per batch; rerunning skips the pairs already stored. ``options``: the fields of :class:`Options`."""
+    chunk per batch; rerunning skips the pairs already stored. Holds the folder's writer lock throughout
+    (another writer is refused). ``options``: the fields of :class:`Options`."""
     opt = Options.of(**options)
-    model, processor, targets, folder = _setup(model_dir, run, opt)
+    folder = RunFolder(run)
+    with folder.writing(f"extract set {name}"):
+        _extract_pass(model_dir, manifest, folder, name, opt)
+    return folder
+
+
+def _extract_pass(model_dir: str, manifest: str, folder: RunFolder, name: str, opt: Options) -> None:
+    """The statistics pass of set ``name``, under the writer lock."""
+    model, processor, targets = _setup(model_dir, folder, opt)
     refs, _, ref_sha = folder.reference()
     refs = {k: v.to(opt.device) for k, v in refs.items()}
     pairs, problems = _pairs(manifest, opt.on_error, processor, model)
@@ -188,7 +206,6 @@ def run_extract(model_dir: str, manifest: str, run: str, name: str, **options) -
         folder.save_chunk(name, chunk, result.tensors(), ref_sha)
 
     _each_batch([p for p in pairs if p.id not in done], len(pairs), name, model, processor, opt, work)
-    return folder
 
 
 def selection_table(model_dir: str, preset: str = "paper", pattern: str | None = None,

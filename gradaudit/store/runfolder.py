@@ -17,11 +17,13 @@ and rerunning continues from what is there without duplicating a sample.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +34,14 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from gradaudit.errors import ConfigError, RunMismatch, StageMissing
 from gradaudit.schema import STAT_KEYS
+from gradaudit.store.lock import exclusive
 
 
 def _text(text: str):
     return lambda path: Path(path).write_text(text)
+
+
+_TEMPORARY = re.compile(r"\.tmp-\d+$")  # what _atomic writes before renaming
 
 
 def _atomic(path: str, write) -> str:
@@ -84,6 +90,25 @@ class RunFolder:
 
     def _file(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
+
+    @contextlib.contextmanager
+    def writing(self, command: str, create: bool = True):
+        """Holds the folder's writer lock (``store/lock.py``) for a writing command's whole duration: a
+        second writer is refused at once with ``RunBusy``. ``create``: make the folder if it is absent
+        (the capture passes, the audit); otherwise an absent folder is ``StageMissing`` (the fit writes
+        only where captures are). The outermost holder also removes the temporary files of writers that
+        were killed: while the lock is held, nobody else is writing one."""
+        if not os.path.isdir(self.path):
+            if not create:
+                raise self._nothing_captured()
+            os.makedirs(self.path, exist_ok=True)
+        with exclusive(self.path, command) as outermost:
+            if outermost:
+                for root, _, files in os.walk(self.path):
+                    for name in files:
+                        if _TEMPORARY.search(name):
+                            os.remove(os.path.join(root, name))
+            yield self
 
     # fingerprint ---------------------------------------------------------------------------------
     @property
