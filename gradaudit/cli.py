@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gradaudit.errors import (ConfigError, GradAuditError, LabelsMissing, ManifestError, ModelError, RunBusy,
-                              RunMismatch, StageMissing)
+from gradaudit.errors import (ConfigError, CorruptFile, GradAuditError, LabelsMissing, ManifestError, ModelError,
+                              NonFiniteStats, RunBusy, RunMismatch, StageMissing)
 from gradaudit.models.selection import PRESETS
 from gradaudit.ops.backends import NAMES as BACKENDS
 
@@ -120,6 +120,20 @@ def _advice(exc: Exception, args) -> str:
     if isinstance(exc, RunBusy):
         return ("\nWait until that command has finished (or stop it), then run this one again. A writer that was "
                 "killed holds no lock.")
+    if isinstance(exc, (CorruptFile, NonFiniteStats)):
+        again = f"`gradaudit audit {args.config}`" if args.command == "audit" else {
+            "fingerprint": f"`gradaudit reference --model MODEL --manifest MEMBERS --run {run}`",
+            "reference": f"`gradaudit reference --model MODEL --manifest MEMBERS --run {run}`",
+            "extract": f"`gradaudit extract --model MODEL --manifest PAIRS --run {run} --set {exc.set_name}`",
+            "fit": f"`gradaudit fit --run {run}`",
+            "results": f"`gradaudit report --run {run} --set {exc.set_name}`"}[exc.stage]
+        cause = ("\nThe capture computed them: a float16 or bfloat16 overflow? (--dtype float32, no --autocast.)"
+                 if isinstance(exc, NonFiniteStats) else "")
+        what = {"fingerprint": " (it records the model anew: give the model this folder was made with)",
+                "reference": " (R is computed anew; if it comes out different, sets extracted against the old R "
+                             "are refused)",
+                "extract": " (a chunk: only its batch is computed anew)"}.get(exc.stage, "")
+        return f"{cause}\nDelete {exc.path} and run {again} again{what}."
     if isinstance(exc, ManifestError):
         how = ('on_error = "skip" in [options]' if args.command == "audit" else "--on-error skip")
         return f"\nFix those lines, or leave them out with a record: {how}."

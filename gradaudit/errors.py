@@ -57,3 +57,25 @@ class RunBusy(GradAuditError):
         who = (f"pid {holder.get('pid')}, {holder.get('command')} (`{' '.join(holder.get('argv', []))}`), since "
                f"{holder.get('since')}" if holder else "a writer that has not recorded itself yet")
         super().__init__(f"{run} is in use by another writer: {who}; nothing was changed")
+
+
+class CorruptFile(GradAuditError):
+    """A stored file is truncated, altered, foreign or carries no checksum (written before files had
+    one). ``stage`` names the step that writes it: "fingerprint", "reference", "extract" (``set_name``
+    says which set), "fit" or "results" (of set ``set_name``)."""
+
+    def __init__(self, path: str, why: str, stage: str, set_name: str | None = None):
+        self.path, self.why, self.stage, self.set_name = path, why, stage, set_name
+        super().__init__(f"{path}: {why}")
+
+
+class NonFiniteStats(GradAuditError):
+    """Stored statistics hold NaN or infinite values; ``path`` is the file, ``ids`` the pairs concerned
+    (empty for R, a sum over pairs); ``stage`` the step that wrote it, "reference" or "extract" (of set
+    ``set_name``)."""
+
+    def __init__(self, path: str, ids: list[str], stage: str, set_name: str | None = None):
+        self.path, self.ids, self.stage, self.set_name = path, ids, stage, set_name
+        listed = ", ".join(repr(i) for i in ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+        which = f" for pair(s) {listed}" if ids else ""
+        super().__init__(f"{path}: non-finite values (NaN or infinity){which}")

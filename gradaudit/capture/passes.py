@@ -147,6 +147,8 @@ def _reference_pass(model_dir: str, manifest: str, folder: RunFolder, opt: Optio
     folder.record_skipped("reference", problems_as_records(problems))
     sums, ids, complete = folder.load_reference()
     if complete:
+        if not os.path.exists(folder.reference_norms_path):  # deleted to be computed anew
+            folder.save_reference(sums, ids, complete=True)
         print(f"{run}: the reference pass is complete ({len(ids)} pairs)", file=sys.stderr)
         return
     unknown = set(ids) - {p.id for p in pairs}

@@ -12,7 +12,9 @@ JSON and CSV only. It owns every path inside it:
     results/<set>/pairs.csv, metrics.json, report.html, figures/*.png   what scoring a set writes
 
 Every file is written to a temporary name and renamed, so a crash loses at most the batch in flight,
-and rerunning continues from what is there without duplicating a sample.
+and rerunning continues from what is there without duplicating a sample. Every file carries a checksum
+(``store/integrity.py``), checked whenever it is read: a truncated, altered or foreign file raises
+``CorruptFile`` naming it and the step that writes it again.
 """
 
 from __future__ import annotations
@@ -21,41 +23,42 @@ import contextlib
 import csv
 import glob
 import hashlib
+import io
 import json
 import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import numpy as safetensors_numpy
-from safetensors.torch import load_file, safe_open, save_file
 
-from gradaudit.errors import ConfigError, RunMismatch, StageMissing
+from gradaudit.errors import ConfigError, CorruptFile, NonFiniteStats, RunMismatch, StageMissing
 from gradaudit.schema import STAT_KEYS
+from gradaudit.store.integrity import (TEMPORARY, Unverified, read_metadata, read_tensors, read_text, save_tensors,
+                                       tensors_sha256, write_text)
 from gradaudit.store.lock import exclusive
-
-
-def _text(text: str):
-    return lambda path: Path(path).write_text(text)
-
-
-_TEMPORARY = re.compile(r"\.tmp-\d+$")  # what _atomic writes before renaming
-
-
-def _atomic(path: str, write) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-    return path
 
 
 def _plain_name(kind: str, name: str) -> str:
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"a {kind} needs a plain name (no '/', not starting with '.'); got {name!r}")
     return name
+
+
+def _non_finite(chunk: dict[str, torch.Tensor], ids: list[str]) -> list[str]:
+    """Ids of a chunk's pairs with a NaN or infinite value in their statistics, loss or token quantities
+    (a token row belongs to the pair whose span of "token_offsets" holds it)."""
+    bad = torch.zeros(len(ids), dtype=torch.bool)
+    for key, value in chunk.items():
+        if key == "token_offsets":
+            continue
+        finite = torch.isfinite(value)
+        rows = ~(finite.flatten(1).all(1) if finite.dim() > 1 else finite)
+        if key == "tokens":
+            owner = torch.searchsorted(chunk["token_offsets"][1:], torch.arange(len(value)), right=True)
+            bad[owner[rows]] = True
+        else:
+            bad |= rows
+    return [pid for pid, b in zip(ids, bad.tolist()) if b]
 
 
 @dataclass
@@ -106,9 +109,16 @@ class RunFolder:
             if outermost:
                 for root, _, files in os.walk(self.path):
                     for name in files:
-                        if _TEMPORARY.search(name):
+                        if TEMPORARY.search(name):
                             os.remove(os.path.join(root, name))
             yield self
+
+    def _verified(self, read, path: str, stage: str, set_name: str | None = None):
+        """``read(path)``; a failed check is raised as ``CorruptFile`` naming the step that writes the file."""
+        try:
+            return read(path)
+        except Unverified as exc:
+            raise CorruptFile(path, str(exc), stage, set_name) from None
 
     # fingerprint ---------------------------------------------------------------------------------
     @property
@@ -119,7 +129,7 @@ class RunFolder:
         """Records the fingerprint, or checks it against the one recorded; says what differs."""
         path = self.fingerprint_path
         if not os.path.exists(path):
-            _atomic(path, _text(json.dumps(fingerprint, indent=1)))
+            write_text(path, json.dumps(fingerprint, indent=1))
             return
         stored = self.fingerprint()
         keys = ("config_sha256", "weights_sha256", "adapter_sha256", "targets", "mode", "autocast")
@@ -139,8 +149,7 @@ class RunFolder:
     def fingerprint(self) -> dict:
         if not os.path.exists(self.fingerprint_path):
             raise self._nothing_captured()
-        with open(self.fingerprint_path) as f:
-            return json.load(f)
+        return json.loads(self._verified(read_text, self.fingerprint_path, "fingerprint"))
 
     # reference -----------------------------------------------------------------------------------
     @property
@@ -158,7 +167,9 @@ class RunFolder:
 
     def save_reference(self, sums: dict[str, torch.Tensor], ids: list[str], complete: bool) -> None:
         """R's sums over the ids so far; once complete, also R's squared row and column norms
-        ("<weight>|row_sq", "<weight>|col_sq"), which cosines and leave-one-out need."""
+        ("<weight>|row_sq", "<weight>|col_sq"), which cosines and leave-one-out need, tied to the sums
+        they were computed from by the sums' checksum. The norms go first: the reference file saying
+        "complete" is what makes the pass complete."""
         meta = {"ids": json.dumps(ids), "n": str(len(ids)), "complete": json.dumps(complete)}
         tensors = {k: v.contiguous().cpu() for k, v in sums.items()}
         if complete:
@@ -166,28 +177,37 @@ class RunFolder:
             for name, total in tensors.items():
                 r_sq = (total.double() / len(ids)) ** 2
                 norms[f"{name}|row_sq"], norms[f"{name}|col_sq"] = r_sq.sum(1).float(), r_sq.sum(0).float()
-            _atomic(self.reference_norms_path, lambda p: save_file(norms, p, metadata={"n": str(len(ids))}))
-        _atomic(self.reference_path, lambda p: save_file(tensors, p, metadata=meta))
+            meta_norms = {"n": str(len(ids)), "sums_sha256": tensors_sha256(tensors)}
+            save_tensors(self.reference_norms_path, norms, meta_norms, "reference norms")
+        save_tensors(self.reference_path, tensors, meta, "reference sums")
 
     def reference_norms(self) -> dict[str, torch.Tensor]:
         """R's squared row and column norms per weight, written when the reference pass completed."""
         if not os.path.exists(self.reference_norms_path):
             raise self._reference_incomplete()
-        return load_file(self.reference_norms_path)
+        norms, meta = self._verified(lambda p: read_tensors(p, "reference norms"), self.reference_norms_path,
+                                     "reference")
+        sums = self._verified(lambda p: read_metadata(p, "reference sums"), self.reference_path, "reference")
+        if meta["sums_sha256"] != sums["sha256"]:
+            raise CorruptFile(self.reference_norms_path, "computed from other sums than reference.safetensors holds",
+                              "reference")
+        return norms
 
     def load_reference(self) -> tuple[dict[str, torch.Tensor], list[str], bool]:
         """(sums, ids, complete); empty when nothing is stored yet."""
         if not os.path.exists(self.reference_path):
             return {}, [], False
-        with safe_open(self.reference_path, "pt") as f:
-            meta = f.metadata()
-        return load_file(self.reference_path), json.loads(meta["ids"]), json.loads(meta["complete"])
+        sums, meta = self._verified(lambda p: read_tensors(p, "reference sums"), self.reference_path, "reference")
+        return sums, json.loads(meta["ids"]), json.loads(meta["complete"])
 
     def reference(self) -> tuple[dict[str, torch.Tensor], int, str]:
-        """R = sums / N for each weight, N, and the file's hash (that statistics record)."""
+        """R = sums / N for each weight, N, and the file's hash (that statistics record). Non-finite sums
+        are refused here, before any statistics are computed against them."""
         sums, ids, complete = self.load_reference()
         if not complete:
             raise self._reference_incomplete()
+        if not all(torch.isfinite(v).all() for v in sums.values()):
+            raise NonFiniteStats(self.reference_path, [], "reference")
         with open(self.reference_path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
         return {k: v / len(ids) for k, v in sums.items()}, len(ids), digest
@@ -202,12 +222,24 @@ class RunFolder:
     def has_set(self, name: str) -> bool:
         return bool(self._chunks(name))
 
+    def _chunk_metadata(self, name: str) -> list[tuple[str, dict[str, str]]]:
+        """(path, metadata) of each chunk of set ``name``, verified: no pair is in two chunks."""
+        out, seen = [], {}
+        for path in self._chunks(name):
+            meta = self._verified(lambda p: read_metadata(p, "statistics chunk"), path, "extract", name)
+            ids = json.loads(meta["ids"])
+            twice = [pid for pid in ids if pid in seen]
+            if twice:
+                raise CorruptFile(path, f"holds pairs that {os.path.basename(seen[twice[0]])} holds too (e.g. id "
+                                        f"{twice[0]!r})", "extract", name)
+            seen.update(dict.fromkeys(ids, path))
+            out.append((path, meta))
+        return out
+
     def done_ids(self, name: str, ref_sha: str) -> set[str]:
         """Ids already stored for set ``name``; refuses chunks made against another R."""
         done = set()
-        for path in self._chunks(name):
-            with safe_open(path, "pt") as f:
-                meta = f.metadata()
+        for path, meta in self._chunk_metadata(name):
             if meta["reference_sha256"] != ref_sha:
                 raise RunMismatch(f"{path} was computed against another reference R; use a new set name")
             done.update(json.loads(meta["ids"]))
@@ -217,23 +249,27 @@ class RunFolder:
         """Stores one batch of ``pairs`` (manifest.Pair): ``tensors`` holds per weight
         "<weight>|<stat>" (B, d); "loss" (B,); "tokens" (N_text, 8) with "token_offsets" (B+1,) (the
         fields of schema.TOKEN_FIELDS). The pairs' ids, texts and labels go in the metadata, so that
-        later steps need only the run folder."""
-        folder = self._stats_dir(name)
-        index = len(self._chunks(name))
-        path = os.path.join(folder, f"chunk-{index:06d}.safetensors")
+        later steps need only the run folder. The chunk is numbered after the last one, so that a chunk
+        deleted to be recomputed never makes a later one be overwritten."""
+        chunks = self._chunks(name)
+        index = int(os.path.basename(chunks[-1])[len("chunk-"):-len(".safetensors")]) + 1 if chunks else 0
+        path = os.path.join(self._stats_dir(name), f"chunk-{index:06d}.safetensors")
         meta = {"ids": json.dumps([p.id for p in pairs]), "reference_sha256": ref_sha,
                 "texts": json.dumps([p.text for p in pairs]), "labels": json.dumps([p.label for p in pairs])}
-        stored = {k: v.cpu().contiguous() for k, v in tensors.items()}
-        return _atomic(path, lambda p: save_file(stored, p, metadata=meta))
+        save_tensors(path, {k: v.cpu().contiguous() for k, v in tensors.items()}, meta, "statistics chunk")
+        return path
 
     def load_stats(self, name: str) -> tuple[list[str], dict[str, torch.Tensor]]:
         """All chunks of a set concatenated: ids, and {"<weight>|<stat>", "loss", "tokens": (n, …),
-        "token_offsets": (n+1,)}."""
+        "token_offsets": (n+1,)}. A chunk holding NaN or infinite values is refused, naming its pairs."""
         ids, parts, offsets = [], {}, [torch.zeros(1, dtype=torch.int64)]
-        for path in self._chunks(name):
-            with safe_open(path, "pt") as f:
-                ids += json.loads(f.metadata()["ids"])
-            chunk = load_file(path)
+        for path, _ in self._chunk_metadata(name):
+            chunk, meta = self._verified(lambda p: read_tensors(p, "statistics chunk"), path, "extract", name)
+            chunk_ids = json.loads(meta["ids"])
+            bad = _non_finite(chunk, chunk_ids)
+            if bad:
+                raise NonFiniteStats(path, bad, "extract", name)
+            ids += chunk_ids
             offsets.append(chunk.pop("token_offsets")[1:] + offsets[-1][-1])
             for k, v in chunk.items():
                 parts.setdefault(k, []).append(v)
@@ -244,9 +280,7 @@ class RunFolder:
     def pair_info(self, name: str) -> tuple[list[str], list[str], list]:
         """(ids, texts, labels) of set ``name`` in stored order; a label is None where the manifest had none."""
         ids, texts, labels = [], [], []
-        for path in self._chunks(name):
-            with safe_open(path, "pt") as f:
-                meta = f.metadata()
+        for _, meta in self._chunk_metadata(name):
             ids += json.loads(meta["ids"])
             texts += json.loads(meta["texts"])
             labels += json.loads(meta["labels"])
@@ -276,8 +310,8 @@ class RunFolder:
 
     def record_skipped(self, name: str, records: list[dict]) -> None:
         if records:
-            path = self._file("skipped", f"{_plain_name('set', name)}.jsonl")
-            _atomic(path, _text("".join(json.dumps(r) + "\n" for r in records)))
+            write_text(self._file("skipped", f"{_plain_name('set', name)}.jsonl"),
+                       "".join(json.dumps(r) + "\n" for r in records))
 
     # manifests the audit derives -----------------------------------------------------------------
     def manifest_path(self, name: str) -> str:
@@ -286,10 +320,11 @@ class RunFolder:
 
     # the fit ---------------------------------------------------------------------------------------
     def save_fit(self, summary: dict, arrays: dict[str, np.ndarray]) -> None:
-        """The fit: a JSON summary (its structure included) and its fitted arrays."""
-        _atomic(self._file("fit", "models.safetensors"),
-                lambda p: safetensors_numpy.save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, p))
-        _atomic(self._file("fit", "summary.json"), _text(json.dumps(summary, indent=1)))
+        """The fit: its fitted arrays, then a JSON summary (its structure included) that records the
+        arrays' checksum, so that a summary is never read with arrays of another fit."""
+        models = save_tensors(self._file("fit", "models.safetensors"),
+                              {k: np.ascontiguousarray(v) for k, v in arrays.items()}, {}, "fit arrays")
+        write_text(self._file("fit", "summary.json"), json.dumps({**summary, "models_sha256": models}, indent=1))
 
     def has_fit(self) -> bool:
         return os.path.exists(self._file("fit", "summary.json"))
@@ -297,9 +332,12 @@ class RunFolder:
     def load_fit(self) -> tuple[dict, dict[str, np.ndarray]]:
         if not self.has_fit():
             raise StageMissing(self.path, "fit", "no fit is stored")
-        with open(self._file("fit", "summary.json")) as f:
-            summary = json.load(f)
-        return summary, safetensors_numpy.load_file(self._file("fit", "models.safetensors"))
+        summary = json.loads(self._verified(read_text, self._file("fit", "summary.json"), "fit"))
+        path = self._file("fit", "models.safetensors")
+        arrays, meta = self._verified(lambda p: read_tensors(p, "fit arrays", "np"), path, "fit")
+        if summary.pop("models_sha256", None) != meta["sha256"]:
+            raise CorruptFile(path, "not the arrays fit/summary.json was written with", "fit")
+        return summary, arrays
 
     # results per set -------------------------------------------------------------------------------
     def results_dir(self, name: str) -> str:
@@ -321,20 +359,17 @@ class RunFolder:
         return os.path.join(self.results_dir(name), "report.html")
 
     def write_pairs_csv(self, name: str, header: list[str], rows: list[list]) -> str:
-        def write(path):
-            with open(path, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(header)
-                w.writerows(rows)
-
-        return _atomic(self.pairs_csv_path(name), write)
+        text = io.StringIO(newline="")
+        w = csv.writer(text)
+        w.writerow(header)
+        w.writerows(rows)
+        return write_text(self.pairs_csv_path(name), text.getvalue())
 
     def write_metrics(self, name: str, metrics: dict) -> str:
-        return _atomic(self.metrics_path(name), _text(json.dumps(metrics, indent=1, default=float)))
+        return write_text(self.metrics_path(name), json.dumps(metrics, indent=1, default=float))
 
     def read_metrics(self, name: str) -> dict:
-        with open(self.metrics_path(name)) as f:
-            return json.load(f)
+        return json.loads(self._verified(read_text, self.metrics_path(name), "results", name))
 
     def write_report(self, name: str, page: str) -> str:
-        return _atomic(self.report_path(name), _text(page))
+        return write_text(self.report_path(name), page)

@@ -1,16 +1,25 @@
 """The run folder as a store: who may create it, the writer lock, checksums on every stored file, and
 statistics bound to the exact pairs they were computed from. No model: tensors are written directly."""
 
+import argparse
 import contextlib
+import json
 import os
+import shutil
 import signal
 import time
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, safe_open, save_file
 
+from gradaudit import cli
 from gradaudit.cli import main
-from gradaudit.errors import RunBusy, StageMissing
+from gradaudit.errors import CorruptFile, NonFiniteStats, RunBusy, StageMissing
 from gradaudit.store.lock import LOCK_FILE
+from gradaudit.store.manifest import Pair
 from gradaudit.store.runfolder import RunFolder
 
 
@@ -83,3 +92,158 @@ def test_the_lock_is_reentrant_in_one_process_and_clears_killed_writers_temporar
             pass
     with folder.writing("reference pass"):  # released when the outermost holder left
         pass
+
+
+# a run folder written directly: R over r0 and r1, set "probes" of four pairs in two chunks --------------
+WEIGHT = "w"
+
+
+def _pairs(root, ids, texts=None):
+    (root / "img").mkdir(exist_ok=True)
+    pairs = []
+    for k, pid in enumerate(ids):
+        image = root / "img" / f"{pid}.png"
+        if not image.exists():
+            Image.new("RGB", (4, 4), (10 * k, 20, 30)).save(image)
+        pairs.append(Pair(pid, str(image), texts[k] if texts else f"text of {pid}"))
+    return pairs
+
+
+def _batch(n: int, seed: int) -> dict[str, torch.Tensor]:
+    """One chunk's tensors as the capture writes them: statistics of a 3 × 4 weight, losses, two text
+    tokens per pair."""
+    g = torch.Generator().manual_seed(seed)
+    out = {f"{WEIGHT}|{key}": torch.rand(n, d, generator=g) for key, d in
+           (("row_sq", 3), ("col_sq", 4), ("row_dot", 3), ("col_dot", 4))}
+    return out | {"loss": torch.rand(n, generator=g), "tokens": torch.rand(2 * n, 8, generator=g),
+                  "token_offsets": torch.arange(0, 2 * n + 1, 2)}
+
+
+@pytest.fixture
+def stored(tmp_path):
+    folder = RunFolder(str(tmp_path / "run"))
+    with folder.writing("test"):
+        folder.bind({"config_sha256": "c"})
+        folder.save_reference({WEIGHT: torch.rand(3, 4, generator=torch.Generator().manual_seed(0))},
+                              ["r0", "r1"], complete=True)
+        ref_sha = folder.reference()[2]
+        pairs = _pairs(tmp_path, ["p0", "p1", "p2", "p3"])
+        folder.save_chunk("probes", pairs[:2], _batch(2, 1), ref_sha)
+        folder.save_chunk("probes", pairs[2:], _batch(2, 2), ref_sha)
+    return folder
+
+
+def _chunk(folder, index=0):
+    return os.path.join(folder.path, "stats", "probes", f"chunk-{index:06d}.safetensors")
+
+
+def _advice(exc, command="extract"):
+    return cli._advice(exc, argparse.Namespace(command=command, run="RUN"))
+
+
+def test_a_truncated_or_foreign_file_is_named_with_the_command_that_recomputes_it(stored):
+    assert stored.stored_set("probes").ids == ["p0", "p1", "p2", "p3"]
+    chunk = _chunk(stored, 1)
+    data = open(chunk, "rb").read()
+    open(chunk, "wb").write(data[: len(data) // 2])
+    with pytest.raises(CorruptFile, match="chunk-000001.safetensors: unreadable: truncated") as info:
+        stored.stored_set("probes")
+    assert info.value.stage == "extract" and info.value.set_name == "probes" and info.value.path == chunk
+    advice = _advice(info.value)
+    assert f"Delete {chunk}" in advice and "gradaudit extract" in advice and "--set probes" in advice
+    assert "only its batch" in advice
+
+    shutil.copy(stored.reference_norms_path, chunk)  # a valid file, but not a chunk
+    with pytest.raises(CorruptFile, match="foreign: a file of kind 'reference norms'"):
+        stored.stored_set("probes")
+
+    open(stored.reference_path, "r+b").truncate(100)
+    with pytest.raises(CorruptFile, match="reference.safetensors: unreadable") as info:
+        stored.reference()
+    assert info.value.stage == "reference" and "gradaudit reference" in _advice(info.value)
+
+    text = open(stored.fingerprint_path).read()
+    open(stored.fingerprint_path, "w").write(text[:-3])
+    with pytest.raises(CorruptFile, match="fingerprint.json: does not match its checksum") as info:
+        stored.fingerprint()
+    assert "records the model anew" in _advice(info.value)
+
+
+def test_values_altered_in_a_valid_file_are_refused(stored):
+    chunk = _chunk(stored)
+    with safe_open(chunk, "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(chunk)
+    tensors[f"{WEIGHT}|row_dot"] *= 50
+    save_file(tensors, chunk, metadata=meta)  # the old checksums kept, the values × 50
+    with pytest.raises(CorruptFile, match="its tensors do not match their checksum: altered"):
+        stored.load_stats("probes")
+    meta["ids"] = json.dumps(["p1", "p0"])  # the metadata altered (the tensors as written)
+    save_file(load_file(_chunk(stored, 1)), chunk, metadata=meta)
+    with pytest.raises(CorruptFile, match="its metadata do not match their checksum"):
+        stored.pair_info("probes")
+
+
+def test_a_file_without_checksum_is_refused(stored):
+    """A run folder written before checksums were kept is refused, not trusted."""
+    chunk = _chunk(stored)
+    tensors = load_file(chunk)
+    with safe_open(chunk, "pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k in ("ids", "texts", "labels", "reference_sha256")}
+    save_file(tensors, chunk, metadata=meta)
+    with pytest.raises(CorruptFile, match="carries no checksum: written before GradAudit kept checksums"):
+        stored.done_ids("probes", stored.reference()[2])
+    os.remove(stored.fingerprint_path + ".sha256")
+    with pytest.raises(CorruptFile, match="carries no checksum"):
+        stored.fingerprint()
+
+
+def test_non_finite_statistics_name_the_file_and_the_pairs(stored, tmp_path):
+    tensors = _batch(2, 3)
+    tensors["tokens"][3, 5] = float("nan")  # the second pair's second token
+    tensors["loss"][0] = float("inf")
+    with stored.writing("test"):
+        path = stored.save_chunk("probes", _pairs(tmp_path, ["p4", "p5"]), tensors, stored.reference()[2])
+    with pytest.raises(NonFiniteStats, match="non-finite values .* for pair\\(s\\) 'p4', 'p5'") as info:
+        stored.stored_set("probes")
+    assert info.value.path == path and info.value.ids == ["p4", "p5"]
+    assert f"Delete {path}" in _advice(info.value) and "overflow" in _advice(info.value)
+
+
+def test_the_fit_and_the_results_are_checked(stored):
+    arrays = {"a": np.arange(3.0)}
+    with stored.writing("test"):
+        stored.save_fit({"request": 1}, arrays)
+        models = os.path.join(stored.path, "fit", "models.safetensors")
+        first = open(models, "rb").read()
+        stored.save_fit({"request": 2}, {"a": np.arange(3.0) + 1})
+        stored.write_metrics("probes", {"auroc": 0.5})
+    assert stored.load_fit()[0] == {"request": 2}
+    open(models, "wb").write(first)  # the arrays of another fit beside this summary
+    with pytest.raises(CorruptFile, match="not the arrays fit/summary.json was written with") as info:
+        stored.load_fit()
+    assert "gradaudit fit --run RUN" in _advice(info.value, "score")
+    assert stored.read_metrics("probes") == {"auroc": 0.5}
+    with open(stored.metrics_path("probes"), "a") as f:
+        f.write(" ")
+    with pytest.raises(CorruptFile, match="metrics.json: does not match its checksum") as info:
+        stored.read_metrics("probes")
+    assert "gradaudit report --run RUN --set probes" in _advice(info.value, "report")
+
+
+def test_non_finite_reference_is_refused_before_any_statistics(tmp_path):
+    folder = RunFolder(str(tmp_path / "run"))
+    with folder.writing("test"):
+        folder.save_reference({WEIGHT: torch.full((3, 4), float("nan"))}, ["r0"], complete=True)
+    with pytest.raises(NonFiniteStats, match="reference.safetensors: non-finite values") as info:
+        folder.reference()
+    assert info.value.stage == "reference"
+
+
+def test_a_deleted_chunk_is_recomputed_without_overwriting_a_later_one(stored, tmp_path):
+    os.remove(_chunk(stored, 0))
+    with stored.writing("test"):
+        stored.save_chunk("probes", _pairs(tmp_path, ["p0", "p1"]), _batch(2, 1), stored.reference()[2])
+    assert sorted(os.listdir(os.path.dirname(_chunk(stored)))) == ["chunk-000001.safetensors",
+                                                                  "chunk-000002.safetensors"]
+    assert sorted(stored.stored_set("probes").ids) == ["p0", "p1", "p2", "p3"]
