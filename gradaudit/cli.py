@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gradaudit.errors import (ConfigError, CorruptFile, GradAuditError, LabelsMissing, ManifestError, ModelError,
-                              NonFiniteStats, RunBusy, RunMismatch, StageMissing)
+from gradaudit.errors import (ConfigError, CorruptFile, GradAuditError, LabelsMissing, ManifestChanged, ManifestError,
+                              ModelError, NonFiniteStats, RunBusy, RunMismatch, StageMissing)
 from gradaudit.models.selection import PRESETS
 from gradaudit.ops.backends import NAMES as BACKENDS
 
@@ -143,6 +143,11 @@ def _advice(exc: Exception, args) -> str:
                 "extract": f"\nRun `gradaudit extract --model MODEL --manifest PAIRS --run {run} "
                            f"--set {exc.set_name}` first.",
                 "fit": f"\nRun `gradaudit fit --run {run}` first."}[exc.stage]
+    if isinstance(exc, ManifestChanged):
+        if exc.set_name is None:
+            return "\nUse a new run folder for another set of reference members, or the manifest R was built from."
+        return (f"\nUse a new set name for other pairs (--set NEW), or the manifest set {exc.set_name!r} was "
+                "extracted from.")
     if isinstance(exc, RunMismatch):
         return "\nUse a new run folder (or a new set name), or the model, selection and manifests it was made with."
     if isinstance(exc, LabelsMissing):

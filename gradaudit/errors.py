@@ -79,3 +79,14 @@ class NonFiniteStats(GradAuditError):
         listed = ", ".join(repr(i) for i in ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
         which = f" for pair(s) {listed}" if ids else ""
         super().__init__(f"{path}: non-finite values (NaN or infinity){which}")
+
+
+class ManifestChanged(RunMismatch):
+    """A pass met other pairs than the ones its results were started from: pairs added, left out, or with
+    another image, prompt, text or label. ``set_name`` is the statistics set concerned (None: R, the
+    reference pass); ``differ`` lists the ids that differ."""
+
+    def __init__(self, run: str, set_name: str | None, differ: list[str]):
+        self.run, self.set_name, self.differ = run, set_name, differ
+        whose = f"set {set_name!r} was extracted" if set_name is not None else "R was built"
+        super().__init__(f"{run}: {whose} from another manifest ({len(differ)} pair(s) differ, e.g. id {differ[0]!r})")

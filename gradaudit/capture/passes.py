@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradaudit.capture.engine import batch_stats, reference_sums
-from gradaudit.errors import ConfigError, ManifestError, RunMismatch
+from gradaudit.errors import ConfigError, ManifestError
 from gradaudit.models import batch_layout, encode_pairs, fingerprint, load_model, select_targets
 from gradaudit.store.manifest import Pair, Problem, batches_by_length, problems_as_records, read_manifest
 from gradaudit.store.runfolder import RunFolder
@@ -145,15 +145,13 @@ def _reference_pass(model_dir: str, manifest: str, folder: RunFolder, opt: Optio
     model, processor, targets = _setup(model_dir, folder, opt)
     pairs, problems = _pairs(manifest, opt.on_error, processor, model)
     folder.record_skipped("reference", problems_as_records(problems))
+    digests = folder.bind_pairs(None, pairs)  # another manifest than R was started from is refused
     sums, ids, complete = folder.load_reference()
     if complete:
         if not os.path.exists(folder.reference_norms_path):  # deleted to be computed anew
-            folder.save_reference(sums, ids, complete=True)
+            folder.save_reference(sums, ids, [digests[i] for i in ids], complete=True)
         print(f"{run}: the reference pass is complete ({len(ids)} pairs)", file=sys.stderr)
         return
-    unknown = set(ids) - {p.id for p in pairs}
-    if unknown:
-        raise RunMismatch(f"{run} holds a partial reference over ids not in {manifest} (e.g. {sorted(unknown)[:3]})")
 
     # R's sums stay on the device; they are saved after every batch while small, else once a minute,
     # and on Ctrl-C. Sums and ids change together, in one assignment, so a save never mixes them.
@@ -162,7 +160,7 @@ def _reference_pass(model_dir: str, manifest: str, folder: RunFolder, opt: Optio
     last_save = [time.monotonic()]
 
     def save(complete=False):
-        folder.save_reference(state[0], state[1], complete)
+        folder.save_reference(state[0], state[1], [digests[i] for i in state[1]], complete)
         last_save[0] = time.monotonic()
 
     def work(chunk, batch):
@@ -200,6 +198,7 @@ def _extract_pass(model_dir: str, manifest: str, folder: RunFolder, name: str, o
     refs = {k: v.to(opt.device) for k, v in refs.items()}
     pairs, problems = _pairs(manifest, opt.on_error, processor, model)
     folder.record_skipped(name, problems_as_records(problems))
+    folder.bind_pairs(name, pairs)  # another manifest than the set was started from is refused
     done = folder.done_ids(name, ref_sha)
 
     def work(chunk, batch):

@@ -1,5 +1,5 @@
-"""What makes a run folder's files trustworthy: atomic writes and a checksum on every file
-(docs/data-and-runs.md, "Checksums").
+"""What makes a run folder's files trustworthy: atomic writes, a checksum on every file, and the content
+digest of a pair (docs/data-and-runs.md, "Checksums").
 
 - **safetensors** files carry two checksums in their own metadata: ``sha256`` over the tensors (each
   one's name, dtype, shape and bytes) and ``meta_sha256`` over the rest of the metadata, which also says
@@ -53,6 +53,16 @@ def atomic_write(path: str, write) -> str:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# pairs --------------------------------------------------------------------------------------------------
+def pair_digest(pair) -> str:
+    """SHA-256 over what the model sees of a pair (``store.manifest.Pair``): its image file's bytes, its
+    prompt and its text. Two pairs are the same pair when their ids and digests match. The label is not
+    part of it: it is what an auditor says of the pair, and the same pair may be labelled in one
+    manifest and not in another."""
+    image = _sha256(Path(pair.image).read_bytes())
+    return _sha256(json.dumps([image, pair.prompt, pair.text]).encode())
 
 
 # tensors ------------------------------------------------------------------------------------------------

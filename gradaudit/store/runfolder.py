@@ -4,7 +4,9 @@ JSON and CSV only. It owns every path inside it:
     fingerprint.json                 model configuration and weights hashes, the selected weights
     reference.safetensors            R sums per weight (fp32), with the ids and N in its metadata
     reference_norms.safetensors      R's squared row and column norms per weight, once R is complete
+    reference_pairs.json             the pairs R is built from: id, content digest, label
     stats/<set>/chunk-000000.safetensors   per-sample statistics of one batch, ids in the metadata
+    stats/<set>/pairs.json           the pairs the set is extracted from: id, content digest, label
     skipped/<set>.jsonl              manifest lines left out, with the reason
     manifests/<name>.jsonl           manifests the audit derives (the split of the reference members,
                                      the association test's shuffled pairs)
@@ -31,10 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gradaudit.errors import ConfigError, CorruptFile, NonFiniteStats, RunMismatch, StageMissing
+from gradaudit.errors import ConfigError, CorruptFile, ManifestChanged, NonFiniteStats, RunMismatch, StageMissing
 from gradaudit.schema import STAT_KEYS
-from gradaudit.store.integrity import (TEMPORARY, Unverified, read_metadata, read_tensors, read_text, save_tensors,
-                                       tensors_sha256, write_text)
+from gradaudit.store.integrity import (TEMPORARY, Unverified, pair_digest, read_metadata, read_tensors, read_text,
+                                       save_tensors, tensors_sha256, write_text)
 from gradaudit.store.lock import exclusive
 
 
@@ -151,6 +153,42 @@ class RunFolder:
             raise self._nothing_captured()
         return json.loads(self._verified(read_text, self.fingerprint_path, "fingerprint"))
 
+    # the pairs a pass is bound to -----------------------------------------------------------------
+    def _pairs_path(self, name: str | None) -> str:
+        return self._file("reference_pairs.json") if name is None else os.path.join(self._stats_dir(name), "pairs.json")
+
+    def bind_pairs(self, name: str | None, pairs: list) -> dict[str, str]:
+        """Binds set ``name`` (None: R) to ``pairs`` (manifest.Pair) when its first pass starts; a later
+        pass must be a resume over the same pairs: the same ids with the same contents
+        (``integrity.pair_digest``) and labels, in any order. Anything else is ``ManifestChanged``:
+        statistics of the old pairs must not pass for the new ones, nor two manifests merge into one
+        set. Returns each pair's content digest by id."""
+        bound = {p.id: [pair_digest(p), p.label] for p in pairs}
+        path = self._pairs_path(name)
+        if not os.path.exists(path):
+            write_text(path, json.dumps([[pid, digest, label] for pid, (digest, label) in bound.items()]))
+        else:
+            stored = self._bound(name)
+            differ = [pid for pid in bound if stored.get(pid) != bound[pid]]
+            differ += [pid for pid in stored if pid not in bound]
+            if differ:
+                raise ManifestChanged(self.path, name, differ)
+        return {pid: digest for pid, (digest, _) in bound.items()}
+
+    def _bound(self, name: str | None) -> dict[str, list]:
+        """The pairs set ``name`` (None: R) is bound to: [content digest, label] by id."""
+        path, stage = self._pairs_path(name), "reference" if name is None else "extract"
+        if not os.path.exists(path):
+            raise CorruptFile(path, "missing: the pairs these results were computed from are not recorded", stage, name)
+        return {pid: [digest, label] for pid, digest, label in json.loads(self._verified(read_text, path, stage, name))}
+
+    def _check_bound(self, name: str | None, ids: list[str], digests: list[str]) -> None:
+        """Refuses stored results over pairs that set ``name`` (None: R) is not bound to."""
+        bound = self._bound(name)
+        foreign = [pid for pid, digest in zip(ids, digests) if pid not in bound or bound[pid][0] != digest]
+        if foreign:
+            raise ManifestChanged(self.path, name, foreign)
+
     # reference -----------------------------------------------------------------------------------
     @property
     def reference_path(self) -> str:
@@ -165,12 +203,14 @@ class RunFolder:
             return self._nothing_captured()
         return StageMissing(self.path, "reference", "the reference pass has not finished")
 
-    def save_reference(self, sums: dict[str, torch.Tensor], ids: list[str], complete: bool) -> None:
-        """R's sums over the ids so far; once complete, also R's squared row and column norms
-        ("<weight>|row_sq", "<weight>|col_sq"), which cosines and leave-one-out need, tied to the sums
-        they were computed from by the sums' checksum. The norms go first: the reference file saying
-        "complete" is what makes the pass complete."""
-        meta = {"ids": json.dumps(ids), "n": str(len(ids)), "complete": json.dumps(complete)}
+    def save_reference(self, sums: dict[str, torch.Tensor], ids: list[str], digests: list[str],
+                       complete: bool) -> None:
+        """R's sums over the ids so far (and their pairs' content digests); once complete, also R's squared
+        row and column norms ("<weight>|row_sq", "<weight>|col_sq"), which cosines and leave-one-out
+        need, tied to the sums they were computed from by the sums' checksum. The norms go first: the
+        reference file saying "complete" is what makes the pass complete."""
+        meta = {"ids": json.dumps(ids), "digests": json.dumps(digests), "n": str(len(ids)),
+                "complete": json.dumps(complete)}
         tensors = {k: v.contiguous().cpu() for k, v in sums.items()}
         if complete:
             norms = {}
@@ -194,11 +234,14 @@ class RunFolder:
         return norms
 
     def load_reference(self) -> tuple[dict[str, torch.Tensor], list[str], bool]:
-        """(sums, ids, complete); empty when nothing is stored yet."""
+        """(sums, ids, complete); empty when nothing is stored yet. The ids must be among the pairs R is
+        bound to, with the same contents."""
         if not os.path.exists(self.reference_path):
             return {}, [], False
         sums, meta = self._verified(lambda p: read_tensors(p, "reference sums"), self.reference_path, "reference")
-        return sums, json.loads(meta["ids"]), json.loads(meta["complete"])
+        ids = json.loads(meta["ids"])
+        self._check_bound(None, ids, json.loads(meta["digests"]))
+        return sums, ids, json.loads(meta["complete"])
 
     def reference(self) -> tuple[dict[str, torch.Tensor], int, str]:
         """R = sums / N for each weight, N, and the file's hash (that statistics record). Non-finite sums
@@ -223,11 +266,13 @@ class RunFolder:
         return bool(self._chunks(name))
 
     def _chunk_metadata(self, name: str) -> list[tuple[str, dict[str, str]]]:
-        """(path, metadata) of each chunk of set ``name``, verified: no pair is in two chunks."""
+        """(path, metadata) of each chunk of set ``name``, verified: each holds pairs the set is bound to
+        (ids and contents), and no pair is in two chunks."""
         out, seen = [], {}
         for path in self._chunks(name):
             meta = self._verified(lambda p: read_metadata(p, "statistics chunk"), path, "extract", name)
             ids = json.loads(meta["ids"])
+            self._check_bound(name, ids, json.loads(meta["digests"]))
             twice = [pid for pid in ids if pid in seen]
             if twice:
                 raise CorruptFile(path, f"holds pairs that {os.path.basename(seen[twice[0]])} holds too (e.g. id "
@@ -248,13 +293,14 @@ class RunFolder:
     def save_chunk(self, name: str, pairs: list, tensors: dict[str, torch.Tensor], ref_sha: str) -> str:
         """Stores one batch of ``pairs`` (manifest.Pair): ``tensors`` holds per weight
         "<weight>|<stat>" (B, d); "loss" (B,); "tokens" (N_text, 8) with "token_offsets" (B+1,) (the
-        fields of schema.TOKEN_FIELDS). The pairs' ids, texts and labels go in the metadata, so that
-        later steps need only the run folder. The chunk is numbered after the last one, so that a chunk
-        deleted to be recomputed never makes a later one be overwritten."""
+        fields of schema.TOKEN_FIELDS). The pairs' ids, content digests, texts and labels go in the
+        metadata, so that later steps need only the run folder. The chunk is numbered after the last
+        one, so that a chunk deleted to be recomputed never makes a later one be overwritten."""
         chunks = self._chunks(name)
         index = int(os.path.basename(chunks[-1])[len("chunk-"):-len(".safetensors")]) + 1 if chunks else 0
         path = os.path.join(self._stats_dir(name), f"chunk-{index:06d}.safetensors")
-        meta = {"ids": json.dumps([p.id for p in pairs]), "reference_sha256": ref_sha,
+        meta = {"ids": json.dumps([p.id for p in pairs]), "digests": json.dumps([pair_digest(p) for p in pairs]),
+                "reference_sha256": ref_sha,
                 "texts": json.dumps([p.text for p in pairs]), "labels": json.dumps([p.label for p in pairs])}
         save_tensors(path, {k: v.cpu().contiguous() for k, v in tensors.items()}, meta, "statistics chunk")
         return path

@@ -3,6 +3,7 @@ statistics bound to the exact pairs they were computed from. No model: tensors a
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from gradaudit import cli
 from gradaudit.cli import main
-from gradaudit.errors import CorruptFile, NonFiniteStats, RunBusy, StageMissing
+from gradaudit.errors import CorruptFile, ManifestChanged, NonFiniteStats, RunBusy, StageMissing
 from gradaudit.store.lock import LOCK_FILE
 from gradaudit.store.manifest import Pair
 from gradaudit.store.runfolder import RunFolder
@@ -124,10 +125,12 @@ def stored(tmp_path):
     folder = RunFolder(str(tmp_path / "run"))
     with folder.writing("test"):
         folder.bind({"config_sha256": "c"})
+        digests = folder.bind_pairs(None, _pairs(tmp_path, ["r0", "r1"]))
         folder.save_reference({WEIGHT: torch.rand(3, 4, generator=torch.Generator().manual_seed(0))},
-                              ["r0", "r1"], complete=True)
+                              ["r0", "r1"], [digests["r0"], digests["r1"]], complete=True)
         ref_sha = folder.reference()[2]
         pairs = _pairs(tmp_path, ["p0", "p1", "p2", "p3"])
+        folder.bind_pairs("probes", pairs)
         folder.save_chunk("probes", pairs[:2], _batch(2, 1), ref_sha)
         folder.save_chunk("probes", pairs[2:], _batch(2, 2), ref_sha)
     return folder
@@ -203,9 +206,11 @@ def test_non_finite_statistics_name_the_file_and_the_pairs(stored, tmp_path):
     tensors["tokens"][3, 5] = float("nan")  # the second pair's second token
     tensors["loss"][0] = float("inf")
     with stored.writing("test"):
-        path = stored.save_chunk("probes", _pairs(tmp_path, ["p4", "p5"]), tensors, stored.reference()[2])
+        pairs = _pairs(tmp_path, ["p4", "p5"])
+        stored.bind_pairs("nan", pairs)
+        path = stored.save_chunk("nan", pairs, tensors, stored.reference()[2])
     with pytest.raises(NonFiniteStats, match="non-finite values .* for pair\\(s\\) 'p4', 'p5'") as info:
-        stored.stored_set("probes")
+        stored.stored_set("nan")
     assert info.value.path == path and info.value.ids == ["p4", "p5"]
     assert f"Delete {path}" in _advice(info.value) and "overflow" in _advice(info.value)
 
@@ -234,7 +239,8 @@ def test_the_fit_and_the_results_are_checked(stored):
 def test_non_finite_reference_is_refused_before_any_statistics(tmp_path):
     folder = RunFolder(str(tmp_path / "run"))
     with folder.writing("test"):
-        folder.save_reference({WEIGHT: torch.full((3, 4), float("nan"))}, ["r0"], complete=True)
+        digests = folder.bind_pairs(None, _pairs(tmp_path, ["r0"]))
+        folder.save_reference({WEIGHT: torch.full((3, 4), float("nan"))}, ["r0"], [digests["r0"]], complete=True)
     with pytest.raises(NonFiniteStats, match="reference.safetensors: non-finite values") as info:
         folder.reference()
     assert info.value.stage == "reference"
@@ -244,6 +250,43 @@ def test_a_deleted_chunk_is_recomputed_without_overwriting_a_later_one(stored, t
     os.remove(_chunk(stored, 0))
     with stored.writing("test"):
         stored.save_chunk("probes", _pairs(tmp_path, ["p0", "p1"]), _batch(2, 1), stored.reference()[2])
-    assert sorted(os.listdir(os.path.dirname(_chunk(stored)))) == ["chunk-000001.safetensors",
-                                                                  "chunk-000002.safetensors"]
+    assert [os.path.basename(c) for c in stored._chunks("probes")] == ["chunk-000001.safetensors",
+                                                                         "chunk-000002.safetensors"]
     assert sorted(stored.stored_set("probes").ids) == ["p0", "p1", "p2", "p3"]
+
+
+def test_a_set_is_bound_to_the_pairs_it_was_started_from(stored, tmp_path):
+    same = _pairs(tmp_path, ["p3", "p2", "p1", "p0"])  # the same pairs in another order: a resume
+    with stored.writing("test"):
+        assert set(stored.bind_pairs("probes", same)) == {"p0", "p1", "p2", "p3"}
+        changed = [
+            _pairs(tmp_path, ["p0", "p1", "p2", "p3"], texts=["text of p0", "new text", "text of p2", "text of p3"]),
+            same[:3],  # one pair left out
+            same + _pairs(tmp_path, ["p4"]),  # one added: another manifest would merge into the set
+            [dataclasses.replace(same[0], label=1), *same[1:]],  # relabelled
+            [dataclasses.replace(same[0], prompt="Caption:"), *same[1:]],
+        ]
+        for pairs, differ in zip(changed, ["p1", "p0", "p4", "p3", "p3"]):
+            with pytest.raises(ManifestChanged, match=f"set 'probes' was extracted from another manifest "
+                                                      f"\\(1 pair\\(s\\) differ, e.g. id '{differ}'\\)"):
+                stored.bind_pairs("probes", pairs)
+        Image.new("RGB", (4, 4), (1, 2, 3)).save(same[0].image)  # same id, same path, another image
+        with pytest.raises(ManifestChanged, match="e.g. id 'p3'") as info:
+            stored.bind_pairs("probes", same)
+    assert "Use a new set name" in _advice(info.value)
+    with pytest.raises(ManifestChanged, match="R was built from another manifest") as info:
+        stored.bind_pairs(None, _pairs(tmp_path, ["r0", "r1", "r2"]))
+    assert "new run folder" in _advice(info.value, "reference")
+
+
+def test_chunks_must_hold_the_pairs_of_their_set_once(stored, tmp_path):
+    with stored.writing("test"):
+        other = _pairs(tmp_path, ["q0", "q1"])
+        stored.bind_pairs("other", other)
+        stored.save_chunk("other", other, _batch(2, 5), stored.reference()[2])
+    shutil.copy(os.path.join(stored.path, "stats", "other", "chunk-000000.safetensors"), _chunk(stored, 2))
+    with pytest.raises(ManifestChanged, match="set 'probes' was extracted from another manifest .* id 'q0'"):
+        stored.stored_set("probes")
+    shutil.copy(_chunk(stored, 0), _chunk(stored, 2))
+    with pytest.raises(CorruptFile, match="chunk-000002.safetensors: holds pairs that chunk-000000.safetensors holds"):
+        stored.done_ids("probes", stored.reference()[2])
