@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gradaudit.errors import (ConfigError, CorruptFile, GradAuditError, LabelsMissing, ManifestChanged, ManifestError,
-                              ModelError, NonFiniteStats, RunBusy, RunMismatch, StageMissing)
+from gradaudit.errors import (ConfigError, CorruptFile, GradAuditError, IdCollision, LabelsMissing, ManifestChanged,
+                              ManifestError, ModelError, NonFiniteStats, RunBusy, RunMismatch, StageMissing)
 from gradaudit.models.selection import PRESETS
 from gradaudit.ops.backends import NAMES as BACKENDS
 
@@ -148,6 +148,9 @@ def _advice(exc: Exception, args) -> str:
             return "\nUse a new run folder for another set of reference members, or the manifest R was built from."
         return (f"\nUse a new set name for other pairs (--set NEW), or the manifest set {exc.set_name!r} was "
                 "extracted from.")
+    if isinstance(exc, IdCollision):
+        return ("\nAn id must name one pair across a run folder: give those pairs ids of their own in one of the "
+                "two manifests, and extract that set again under a new set name.")
     if isinstance(exc, RunMismatch):
         return "\nUse a new run folder (or a new set name), or the model, selection and manifests it was made with."
     if isinstance(exc, LabelsMissing):

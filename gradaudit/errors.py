@@ -90,3 +90,14 @@ class ManifestChanged(RunMismatch):
         self.run, self.set_name, self.differ = run, set_name, differ
         whose = f"set {set_name!r} was extracted" if set_name is not None else "R was built"
         super().__init__(f"{run}: {whose} from another manifest ({len(differ)} pair(s) differ, e.g. id {differ[0]!r})")
+
+
+class IdCollision(RunMismatch):
+    """Pairs of two sets share an id but not their content (image, prompt or text): they are different
+    pairs, and matching them by id would give one the other's results (R's leave-one-out, a reference
+    pair's out-of-fold score). ``other`` names the other pairs; ``ids`` lists the ids."""
+
+    def __init__(self, set_name: str, other: str, ids: list[str]):
+        self.set_name, self.other, self.ids = set_name, other, ids
+        listed = ", ".join(repr(i) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        super().__init__(f"set {set_name!r} shares ids with {other}, but their image, prompt or text differ: {listed}")

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from gradaudit.capture.engine import batch_stats, reference_sums
 from gradaudit.errors import ConfigError, ManifestError
 from gradaudit.models import batch_layout, encode_pairs, fingerprint, load_model, select_targets
+from gradaudit.store.integrity import refuse_id_collisions
 from gradaudit.store.manifest import Pair, Problem, batches_by_length, problems_as_records, read_manifest
 from gradaudit.store.runfolder import RunFolder
 
@@ -186,7 +187,7 @@ def run_extract(model_dir: str, manifest: str, run: str, name: str, **options) -
     (another writer is refused). ``options``: the fields of :class:`Options`."""
     opt = Options.of(**options)
     folder = RunFolder(run)
-    with folder.writing(f"extract set {name}"):
+    with folder.writing(f"extract set {name}", create=False):  # R must be there already
         _extract_pass(model_dir, manifest, folder, name, opt)
     return folder
 
@@ -198,7 +199,8 @@ def _extract_pass(model_dir: str, manifest: str, folder: RunFolder, name: str, o
     refs = {k: v.to(opt.device) for k, v in refs.items()}
     pairs, problems = _pairs(manifest, opt.on_error, processor, model)
     folder.record_skipped(name, problems_as_records(problems))
-    folder.bind_pairs(name, pairs)  # another manifest than the set was started from is refused
+    digests = folder.bind_pairs(name, pairs)  # another manifest than the set was started from is refused
+    refuse_id_collisions(name, digests, "the pairs that built R", folder.reference_pairs())
     done = folder.done_ids(name, ref_sha)
 
     def work(chunk, batch):

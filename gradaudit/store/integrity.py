@@ -30,6 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors import numpy as safetensors_numpy
 from safetensors import torch as safetensors_torch
 
+from gradaudit.errors import IdCollision
+
 CHECKSUM_KEYS = ("sha256", "meta_sha256")
 NO_CHECKSUM = "carries no checksum: written before GradAudit kept checksums, or by something else"
 
@@ -63,6 +65,15 @@ def pair_digest(pair) -> str:
     manifest and not in another."""
     image = _sha256(Path(pair.image).read_bytes())
     return _sha256(json.dumps([image, pair.prompt, pair.text]).encode())
+
+
+def refuse_id_collisions(set_name: str, pairs: dict[str, str], other: str, other_pairs: dict[str, str]) -> None:
+    """Pairs are the same pair only when their ids and content digests match. Ids that ``pairs`` (digest
+    by id, of set ``set_name``) shares with ``other_pairs`` under another digest are refused with
+    ``IdCollision``: whatever matches pairs by id would give one the other's results."""
+    clash = [pid for pid, digest in pairs.items() if pid in other_pairs and other_pairs[pid] != digest]
+    if clash:
+        raise IdCollision(set_name, other, clash)
 
 
 # tensors ------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import torch
 from gradaudit.errors import ConfigError, CorruptFile, ManifestChanged, NonFiniteStats, RunMismatch, StageMissing
 from gradaudit.schema import STAT_KEYS
 from gradaudit.store.integrity import (TEMPORARY, Unverified, pair_digest, read_metadata, read_tensors, read_text,
-                                       save_tensors, tensors_sha256, write_text)
+                                       refuse_id_collisions, save_tensors, tensors_sha256, write_text)
 from gradaudit.store.lock import exclusive
 
 
@@ -100,8 +100,8 @@ class RunFolder:
     def writing(self, command: str, create: bool = True):
         """Holds the folder's writer lock (``store/lock.py``) for a writing command's whole duration: a
         second writer is refused at once with ``RunBusy``. ``create``: make the folder if it is absent
-        (the capture passes, the audit); otherwise an absent folder is ``StageMissing`` (the fit writes
-        only where captures are). The outermost holder also removes the temporary files of writers that
+        (the reference pass, the audit); otherwise an absent folder is ``StageMissing`` (the extract
+        and the fit write only where R is). The outermost holder also removes the temporary files of writers that
         were killed: while the lock is held, nobody else is writing one."""
         if not os.path.isdir(self.path):
             if not create:
@@ -155,7 +155,9 @@ class RunFolder:
 
     # the pairs a pass is bound to -----------------------------------------------------------------
     def _pairs_path(self, name: str | None) -> str:
-        return self._file("reference_pairs.json") if name is None else os.path.join(self._stats_dir(name), "pairs.json")
+        if name is None:
+            return self._file("reference_pairs.json")
+        return os.path.join(self._stats_dir(name), "pairs.json")
 
     def bind_pairs(self, name: str | None, pairs: list) -> dict[str, str]:
         """Binds set ``name`` (None: R) to ``pairs`` (manifest.Pair) when its first pass starts; a later
@@ -243,6 +245,13 @@ class RunFolder:
         self._check_bound(None, ids, json.loads(meta["digests"]))
         return sums, ids, json.loads(meta["complete"])
 
+    def reference_pairs(self) -> dict[str, str]:
+        """The content digest of each pair that built R so far, by id; empty before the reference pass."""
+        if not os.path.exists(self.reference_path):
+            return {}
+        meta = self._verified(lambda p: read_metadata(p, "reference sums"), self.reference_path, "reference")
+        return dict(zip(json.loads(meta["ids"]), json.loads(meta["digests"])))
+
     def reference(self) -> tuple[dict[str, torch.Tensor], int, str]:
         """R = sums / N for each weight, N, and the file's hash (that statistics record). Non-finite sums
         are refused here, before any statistics are computed against them."""
@@ -323,6 +332,13 @@ class RunFolder:
         out["token_offsets"] = torch.cat(offsets)
         return ids, out
 
+    def pair_digests(self, name: str) -> dict[str, str]:
+        """The content digest of each pair of set ``name``, by id, in stored order."""
+        digests = {}
+        for _, meta in self._chunk_metadata(name):
+            digests.update(zip(json.loads(meta["ids"]), json.loads(meta["digests"])))
+        return digests
+
     def pair_info(self, name: str) -> tuple[list[str], list[str], list]:
         """(ids, texts, labels) of set ``name`` in stored order; a label is None where the manifest had none."""
         ids, texts, labels = [], [], []
@@ -333,7 +349,9 @@ class RunFolder:
         return ids, texts, labels
 
     def stored_set(self, name: str) -> StoredSet:
-        """Set ``name`` with R's norms and which pairs built R, as plain arrays."""
+        """Set ``name`` with R's norms and which pairs built R, as plain arrays. A pair built R when its
+        id and content are those of one of R's pairs; an id of R's with other content is refused
+        (``IdCollision``), as it would be scored leave-one-out against a gradient that is not in R."""
         _, ref_ids, complete = self.load_reference()
         if not complete:
             raise self._reference_incomplete()
@@ -345,7 +363,8 @@ class RunFolder:
         if info_ids != ids:
             raise RunMismatch(f"{self.path}: set {name!r} has inconsistent chunks; extract it again into a new set")
         weights = sorted({k.split("|")[0] for k in stats if "|" in k})
-        members = set(ref_ids)
+        members = self.reference_pairs()
+        refuse_id_collisions(name, self.pair_digests(name), "the pairs that built R", members)
         return StoredSet(
             ids=ids, texts=texts, labels=labels, weights=weights,
             stats={key: {w: stats[f"{w}|{key}"].double().numpy() for w in weights} for key in STAT_KEYS},

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from gradaudit.capture import run_extract, run_reference
-from gradaudit.errors import ManifestChanged
+from gradaudit.errors import IdCollision, ManifestChanged
 from gradaudit.store.runfolder import RunFolder
 from gradaudit.toy.tiny import random_images, tiny_llava
 
@@ -62,3 +62,16 @@ def test_deleted_reference_norms_are_computed_anew(root):
     os.remove(folder.reference_norms_path)
     run_reference(model, members, run, **OPTS)
     assert all((norms[k] == v).all() for k, v in folder.reference_norms().items())
+
+
+def test_an_id_of_r_with_other_content_is_refused(root):
+    """A probe whose id is one of R's pairs but whose image and text are others' is not that pair: it
+    must not be scored leave-one-out as if it had built R."""
+    model, run = str(root / "model"), str(root / "run_ids")
+    run_reference(model, _manifest(root, "members", [0, 1, 2]), run, **OPTS)
+    impostor = _manifest(root, "impostor", [3, 4], ids={3: "p0"})  # id p0, image and text of pair 3
+    with pytest.raises(IdCollision, match="set 'probes' shares ids with the pairs that built R, .*: 'p0'"):
+        run_extract(model, impostor, run, "probes", **OPTS)
+    run_extract(model, _manifest(root, "probes", [0, 3]), run, "probes_ok", **OPTS)  # p0 itself: the same pair
+    stored = RunFolder(run).stored_set("probes_ok")
+    assert dict(zip(stored.ids, stored.in_ref.tolist())) == {"p0": True, "p3": False}

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import time
+import types
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from gradaudit import cli
 from gradaudit.cli import main
-from gradaudit.errors import CorruptFile, ManifestChanged, NonFiniteStats, RunBusy, StageMissing
+from gradaudit.errors import CorruptFile, IdCollision, ManifestChanged, NonFiniteStats, RunBusy, StageMissing
 from gradaudit.store.lock import LOCK_FILE
 from gradaudit.store.manifest import Pair
 from gradaudit.store.runfolder import RunFolder
@@ -31,7 +32,8 @@ def test_readers_do_not_create_the_run_folder(tmp_path, capsys):
         with pytest.raises(StageMissing, match="no run folder here"):
             read()
     assert folder.pair_info("probes") == ([], [], []) and not folder.has_fit()
-    for command in (["fit"], ["score", "--set", "probes"], ["report", "--set", "probes"]):
+    extract = ["extract", "--model", str(tmp_path / "model"), "--manifest", str(tmp_path / "m.jsonl"), "--set", "x"]
+    for command in (["fit"], ["score", "--set", "probes"], ["report", "--set", "probes"], extract):
         assert main([*command, "--run", str(typo)]) == 2
         assert "no run folder here" in capsys.readouterr().err
     assert not typo.exists()
@@ -290,3 +292,39 @@ def test_chunks_must_hold_the_pairs_of_their_set_once(stored, tmp_path):
     shutil.copy(_chunk(stored, 0), _chunk(stored, 2))
     with pytest.raises(CorruptFile, match="chunk-000002.safetensors: holds pairs that chunk-000000.safetensors holds"):
         stored.done_ids("probes", stored.reference()[2])
+
+
+def _set(folder, name, pairs, seed=7):
+    with folder.writing("test"):
+        folder.bind_pairs(name, pairs)
+        folder.save_chunk(name, pairs, _batch(len(pairs), seed), folder.reference()[2])
+
+
+def test_a_pair_is_its_id_and_its_content(stored, tmp_path):
+    """Ids shared with R's pairs or with the fit's reference pairs, under other contents, are refused
+    wherever pairs are matched by id: R's leave-one-out (in_ref) and the reference pairs' out-of-fold
+    scores."""
+    from gradaudit import workflow
+
+    other = tmp_path / "other"
+    other.mkdir()
+    _set(stored, "impostors", _pairs(other, ["r1", "x"], texts=["not r1", "x"]))
+    with pytest.raises(IdCollision, match="set 'impostors' shares ids with the pairs that built R, .*: 'r1'") as info:
+        stored.stored_set("impostors")
+    assert info.value.ids == ["r1"] and "ids of their own" in _advice(info.value, "score")
+    _set(stored, "same", _pairs(tmp_path, ["r1", "p0"]))  # r1 and p0 themselves
+    assert stored.stored_set("same").in_ref.tolist() == [True, False]
+
+    _set(stored, "reference_members", _pairs(tmp_path, ["m0", "m1"]))
+    _set(stored, "reference_nonmembers", _pairs(tmp_path, ["n0", "n1"]))
+    fitted = types.SimpleNamespace(reference_ids=["m0", "m1", "n0", "n1"])
+    _set(stored, "probes2", _pairs(other, ["m1", "q"], texts=["another m1", "q"]))
+    with pytest.raises(IdCollision, match="set 'probes2' shares ids with the fit's reference pairs, .*: 'm1'"):
+        workflow.score(stored.path, "probes2", fitted)
+    _set(stored, "probes3", _pairs(tmp_path, ["m1", "n0"]))
+    workflow._refuse_other_pairs_under_reference_ids(stored, "probes3", fitted)  # the same pairs: no refusal
+
+    shutil.rmtree(os.path.join(stored.path, "stats", "reference_nonmembers"))  # extracted anew, from other pairs
+    _set(stored, "reference_nonmembers", _pairs(other, ["m0"], texts=["another m0"]))
+    with pytest.raises(IdCollision, match="set 'reference_nonmembers' shares ids with set 'reference_members'"):
+        workflow.fit(stored.path)
