@@ -8,8 +8,9 @@ import glob
 import os
 import sys
 
-from gradaudit.errors import (ConfigError, FormatMissing, GradAuditError, LabelsMissing, ManifestError, ManifestsError,
-                              ModelError, OptionError, RunMismatch, StageMissing)
+from gradaudit.errors import (ConfigError, CorruptFile, FormatMissing, GradAuditError, IdCollision, LabelsMissing,
+                              ManifestChanged, ManifestError, ManifestsError, ModelError, NonFiniteStats, OptionError,
+                              RunBusy, RunMismatch, StageMissing)
 from gradaudit.models.selection import PRESETS
 from gradaudit.ops.backends import NAMES as BACKENDS
 from gradaudit.store.manifest import OUTSIDE
@@ -190,6 +191,23 @@ def _advice(exc: Exception, args) -> str:
     """What to do about a library error, in terms of this command line."""
     run = getattr(args, "run", None) or "RUN"
     audit = args.command == "audit"
+    if isinstance(exc, RunBusy):
+        return ("\nWait until that command has finished (or stop it), then run this one again. A writer that was "
+                "killed holds no lock.")
+    if isinstance(exc, (CorruptFile, NonFiniteStats)):
+        again = f"`gradaudit audit {args.config}`" if audit else {
+            "fingerprint": f"`gradaudit reference --model MODEL --manifest MEMBERS --run {run}`",
+            "reference": f"`gradaudit reference --model MODEL --manifest MEMBERS --run {run}`",
+            "extract": f"`gradaudit extract --model MODEL --manifest PAIRS --run {run} --set {exc.set_name}`",
+            "fit": f"`gradaudit fit --run {run}`",
+            "results": f"`gradaudit report --run {run} --set {exc.set_name}`"}[exc.stage]
+        cause = ("\nThe capture computed them: a float16 or bfloat16 overflow? (--dtype float32, no --autocast.)"
+                 if isinstance(exc, NonFiniteStats) else "")
+        what = {"fingerprint": " (it records the model anew: give the model this folder was made with)",
+                "reference": " (R is computed anew; if it comes out different, sets extracted against the old R "
+                             "are refused)",
+                "extract": " (a chunk: only its batch is computed anew)"}.get(exc.stage, "")
+        return f"{cause}\nDelete {exc.path} and run {again} again{what}."
     if isinstance(exc, ManifestError):
         text = "\nFix those lines, or leave them out with a record: " + (
             'on_error = "skip" in [options].' if audit else "--on-error skip.")
@@ -211,6 +229,14 @@ def _advice(exc: Exception, args) -> str:
                 "extract": f"\nRun `gradaudit extract --model MODEL --manifest PAIRS --run {run} "
                            f"--set {exc.set_name}` first.",
                 "fit": f"\nRun `gradaudit fit --run {run}` first."}[exc.stage]
+    if isinstance(exc, ManifestChanged):
+        if exc.set_name is None:
+            return "\nUse a new run folder for another set of reference members, or the manifest R was built from."
+        return (f"\nUse a new set name for other pairs (--set NEW), or the manifest set {exc.set_name!r} was "
+                "extracted from.")
+    if isinstance(exc, IdCollision):
+        return ("\nAn id must name one pair across a run folder: give those pairs ids of their own in one of the "
+                "two manifests, and extract that set again under a new set name.")
     if isinstance(exc, RunMismatch):
         return "\nUse a new run folder (or a new set name), or the model, selection and manifests it was made with."
     if isinstance(exc, LabelsMissing):

@@ -70,3 +70,58 @@ class ManifestsError(ManifestError):
 
 class FormatMissing(ConfigError):
     """No prompt format was stated for a model whose processor does not fix one."""
+
+
+class RunBusy(GradAuditError):
+    """Another process holds the run folder's writer lock; ``holder`` is what it recorded of itself
+    (``pid``, ``command``, ``argv``, ``since``; empty if it had not written that yet)."""
+
+    def __init__(self, run: str, holder: dict):
+        self.run, self.holder = run, holder
+        who = (f"pid {holder.get('pid')}, {holder.get('command')} (`{' '.join(holder.get('argv', []))}`), since "
+               f"{holder.get('since')}" if holder else "a writer that has not recorded itself yet")
+        super().__init__(f"{run} is in use by another writer: {who}; nothing was changed")
+
+
+class CorruptFile(GradAuditError):
+    """A stored file is truncated, altered, foreign or carries no checksum (written before files had
+    one). ``stage`` names the step that writes it: "fingerprint", "reference", "extract" (``set_name``
+    says which set), "fit" or "results" (of set ``set_name``)."""
+
+    def __init__(self, path: str, why: str, stage: str, set_name: str | None = None):
+        self.path, self.why, self.stage, self.set_name = path, why, stage, set_name
+        super().__init__(f"{path}: {why}")
+
+
+class NonFiniteStats(GradAuditError):
+    """Stored statistics hold NaN or infinite values; ``path`` is the file, ``ids`` the pairs concerned
+    (empty for R, a sum over pairs); ``stage`` the step that wrote it, "reference" or "extract" (of set
+    ``set_name``)."""
+
+    def __init__(self, path: str, ids: list[str], stage: str, set_name: str | None = None):
+        self.path, self.ids, self.stage, self.set_name = path, ids, stage, set_name
+        listed = ", ".join(repr(i) for i in ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+        which = f" for pair(s) {listed}" if ids else ""
+        super().__init__(f"{path}: non-finite values (NaN or infinity){which}")
+
+
+class ManifestChanged(RunMismatch):
+    """A pass met other pairs than the ones its results were started from: pairs added, left out, or with
+    another image, prompt, text or label. ``set_name`` is the statistics set concerned (None: R, the
+    reference pass); ``differ`` lists the ids that differ."""
+
+    def __init__(self, run: str, set_name: str | None, differ: list[str]):
+        self.run, self.set_name, self.differ = run, set_name, differ
+        whose = f"set {set_name!r} was extracted" if set_name is not None else "R was built"
+        super().__init__(f"{run}: {whose} from another manifest ({len(differ)} pair(s) differ, e.g. id {differ[0]!r})")
+
+
+class IdCollision(RunMismatch):
+    """Pairs of two sets share an id but not their content (image, prompt or text): they are different
+    pairs, and matching them by id would give one the other's results (R's leave-one-out, a reference
+    pair's out-of-fold score). ``other`` names the other pairs; ``ids`` lists the ids."""
+
+    def __init__(self, set_name: str, other: str, ids: list[str]):
+        self.set_name, self.other, self.ids = set_name, other, ids
+        listed = ", ".join(repr(i) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        super().__init__(f"set {set_name!r} shares ids with {other}, but their image, prompt or text differ: {listed}")

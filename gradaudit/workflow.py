@@ -55,6 +55,7 @@ from gradaudit.capture import Options, run_extract, run_reference
 from gradaudit.errors import ConfigError, ManifestError, ManifestsError, OptionError
 from gradaudit.report import render
 from gradaudit.store.cells import spreadsheet_safe
+from gradaudit.store.integrity import refuse_id_collisions
 from gradaudit.store.manifest import Pair, problems_as_records, read_manifest, shuffled_texts, write_pairs
 from gradaudit.store.runfolder import RunFolder
 
@@ -190,10 +191,30 @@ def fit_sets(run: str, members_set: str = "reference_members", nonmembers_set: s
     return per_pair.fit_reference(members.pairs, nonmembers.pairs, members.ids, nonmembers.ids, method, folds, seed)
 
 
+def _reference_pairs(folder: RunFolder) -> dict[str, str]:
+    """The content digest of each reference pair a fit is made from (members, then non-members), by id.
+    An id in both sets must name the same pair in both."""
+    members, nonmembers = folder.pair_digests("reference_members"), folder.pair_digests("reference_nonmembers")
+    refuse_id_collisions("reference_nonmembers", nonmembers, "set 'reference_members'", members)
+    return members | nonmembers
+
+
 def _fit_request(folder: RunFolder, method: str, folds: int) -> dict:
-    """What a stored fit must match to be reused: the request, R, and the reference sets' ids."""
+    """What a stored fit must match to be reused: the request, R, and the reference pairs (ids and
+    contents, so that a reference set extracted anew from other pairs under the same ids is refitted)."""
+    pairs = _reference_pairs(folder)
     ids = [folder.pair_info(name)[0] for name in ("reference_members", "reference_nonmembers")]
-    return {"method": method, "folds": folds, "reference_sha256": folder.reference()[2], "reference_ids": ids[0] + ids[1]}
+    return {"method": method, "folds": folds, "reference_sha256": folder.reference()[2],
+            "reference_ids": ids[0] + ids[1], "reference_digests": [pairs[i] for i in ids[0] + ids[1]]}
+
+
+def _refuse_other_pairs_under_reference_ids(folder: RunFolder, name: str, fitted: Fit) -> None:
+    """A pair of set ``name`` whose id is one of the fit's reference pairs gets that pair's out-of-fold
+    score (``Fit.score`` matches by id): right only when it is the same pair, so ids shared with other
+    contents are refused (``IdCollision``). The fit is made from the run folder's reference sets."""
+    reference = _reference_pairs(folder)
+    fitted_pairs = {pid: reference[pid] for pid in fitted.reference_ids if pid in reference}
+    refuse_id_collisions(name, folder.pair_digests(name), "the fit's reference pairs", fitted_pairs)
 
 
 def fit(run: str, method: str = "auto", folds: int = 5) -> Fit:
@@ -202,15 +223,16 @@ def fit(run: str, method: str = "auto", folds: int = 5) -> Fit:
     if method != "auto" and method not in VARIANTS:
         raise ConfigError(f"method must be 'auto' or one of {sorted(VARIANTS)}; got {method!r}")
     folder = RunFolder(run)
-    request = _fit_request(folder, method, folds)
-    if folder.has_fit():
-        meta, arrays = folder.load_fit()
-        if meta["request"] == request:
-            return Fit.restore(meta["fit"], arrays)
-    result = fit_sets(run, method=method, folds=folds)
-    meta, arrays = result.export()
-    folder.save_fit({"request": request, "fit": meta, "summary": result.summary()}, arrays)
-    return result
+    with folder.writing("fit", create=False):  # the sets it reads and the fit it writes stay as they are
+        request = _fit_request(folder, method, folds)
+        if folder.has_fit():
+            meta, arrays = folder.load_fit()
+            if meta["request"] == request:
+                return Fit.restore(meta["fit"], arrays)
+        result = fit_sets(run, method=method, folds=folds)
+        meta, arrays = result.export()
+        folder.save_fit({"request": request, "fit": meta, "summary": result.summary()}, arrays)
+        return result
 
 
 def stored_fit(run: str) -> Fit:
@@ -221,6 +243,7 @@ def stored_fit(run: str) -> Fit:
 
 def score(run: str, name: str, fitted: Fit) -> ScoredSet:
     """Stored set ``name`` scored against a fit: scores, probabilities, exposure, collection test."""
+    _refuse_other_pairs_under_reference_ids(RunFolder(run), name, fitted)
     audited = load_set(run, name)
     return per_pair.score_set(fitted, name, audited.pairs, audited.ids, audited.labels)
 
@@ -311,6 +334,7 @@ def _named_after_sources(sources: dict[str, str]):
 def association(run: str, fitted: Fit, scored: ScoredSet) -> dict:
     """Correct pairs (the probes labelled members, or all probes when unlabelled) against the same images
     with other of those pairs' texts (stored set "shuffled"), for every score."""
+    _refuse_other_pairs_under_reference_ids(RunFolder(run), "shuffled", fitted)
     shuffled = load_set(run, "shuffled")
     scores, _ = fitted.score(shuffled.pairs, shuffled.ids)
     position = {pid: i for i, pid in enumerate(scored.ids)}
@@ -320,9 +344,16 @@ def association(run: str, fitted: Fit, scored: ScoredSet) -> dict:
 
 def run_audit(config_path: str, progress: bool = True) -> dict:
     """Runs (or resumes) the audit a TOML file describes; returns the metrics written to metrics.json.
-    Every key, value and manifest line is checked before a model is loaded or a file written."""
+    Every key, value and manifest line is checked before a model is loaded or a file written; the run
+    folder's writer lock is held throughout, so another writer is refused, not interleaved."""
     cfg = AuditConfig.load(config_path)
     cfg.check_manifests()
+    with RunFolder(cfg.run).writing("audit"):
+        return _audit(cfg, config_path, progress)
+
+
+def _audit(cfg: AuditConfig, config_path: str, progress: bool) -> dict:
+    """The audit's steps, under the writer lock."""
     capture = dict(adapter=cfg.adapter, preset=cfg.preset, pattern=cfg.pattern, progress=progress,
                    **{k: v for k, v in cfg.options.items() if k in CAPTURE_OPTIONS})
     split, with_association = cfg.option("split_reference"), cfg.option("association_test")

@@ -16,11 +16,12 @@ from tqdm.auto import tqdm
 
 from gradaudit.capture.engine import batch_stats, reference_sums
 from gradaudit.capture.format_check import candidates, format_table, rank_formats
-from gradaudit.errors import ConfigError, ManifestError, OptionError, RunMismatch
+from gradaudit.errors import ConfigError, ManifestError, OptionError
 from gradaudit.models import (PRESETS, PromptFormat, batch_layout, encode_pairs, fingerprint, load_model, prompt_format,
                               select_targets)
 from gradaudit.models.loading import DTYPES
 from gradaudit.ops.backends import NAMES as BACKENDS
+from gradaudit.store.integrity import refuse_id_collisions
 from gradaudit.store.manifest import Pair, Problem, batches_by_length, problems_as_records, read_manifest
 from gradaudit.store.runfolder import RunFolder
 
@@ -106,17 +107,17 @@ class Options:
                                         f"cuda:{count - 1}")
 
 
-def _setup(model_dir, run, opt: Options):
+def _setup(model_dir, folder: RunFolder, opt: Options):
+    """The model, its processor and selected weights; binds the run folder to their fingerprint."""
     model, processor = load_model(model_dir, adapter=opt.adapter, dtype=opt.dtype, device=opt.device)
     model.train(opt.mode == "train")
     targets = select_targets(model, opt.preset, opt.pattern)
     fmt = prompt_format(model, processor, opt.prompt_format)
-    folder = RunFolder(run)
     folder.bind(fingerprint(model, targets) | {"mode": opt.mode, "autocast": opt.autocast,  # compared
                                                "prompt_format": fmt.spec,
                                                "model": os.path.abspath(model_dir),  # recorded only
                                                "model_type": model.config.model_type, "adapter": opt.adapter})
-    return model, processor, targets, folder
+    return model, processor, targets
 
 
 def _encode(model, processor, pairs: list[Pair], opt: Options) -> dict:
@@ -197,18 +198,28 @@ def _warn_if_another_format_fits(model, processor, members: list[Pair], opt: Opt
 
 def run_reference(model_dir: str, manifest: str, run: str, **options) -> RunFolder:
     """Sums each selected weight's gradient over the manifest's pairs (the reference members) into the
-    run folder; rerunning continues where it stopped. ``options``: the fields of :class:`Options`."""
+    run folder; rerunning continues where it stopped. Holds the folder's writer lock throughout (another
+    writer is refused). ``options``: the fields of :class:`Options`."""
     opt = Options.of(**options)
-    model, processor, targets, folder = _setup(model_dir, run, opt)
+    folder = RunFolder(run)
+    with folder.writing("reference pass"):
+        _reference_pass(model_dir, manifest, folder, opt)
+    return folder
+
+
+def _reference_pass(model_dir: str, manifest: str, folder: RunFolder, opt: Options) -> None:
+    """The reference pass, under the writer lock."""
+    run = folder.path
+    model, processor, targets = _setup(model_dir, folder, opt)
     pairs, problems = _pairs(manifest, opt, processor, model)
     folder.record_skipped("reference", problems_as_records(problems))
+    digests = folder.bind_pairs(None, pairs)  # another manifest than R was started from is refused
     sums, ids, complete = folder.load_reference()
     if complete:
+        if not os.path.exists(folder.reference_norms_path):  # deleted to be computed anew
+            folder.save_reference(sums, ids, [digests[i] for i in ids], complete=True)
         print(f"{run}: the reference pass is complete ({len(ids)} pairs)", file=sys.stderr)
-        return folder
-    unknown = set(ids) - {p.id for p in pairs}
-    if unknown:
-        raise RunMismatch(f"{run} holds a partial reference over ids not in {manifest} (e.g. {sorted(unknown)[:3]})")
+        return
     if not ids:
         _warn_if_another_format_fits(model, processor, pairs, opt)
 
@@ -219,7 +230,7 @@ def run_reference(model_dir: str, manifest: str, run: str, **options) -> RunFold
     last_save = [time.monotonic()]
 
     def save(complete=False):
-        folder.save_reference(state[0], state[1], complete)
+        folder.save_reference(state[0], state[1], [digests[i] for i in state[1]], complete)
         last_save[0] = time.monotonic()
 
     def work(chunk, batch):
@@ -237,18 +248,28 @@ def run_reference(model_dir: str, manifest: str, run: str, **options) -> RunFold
         save()
         raise
     save(complete=True)
-    return folder
 
 
 def run_extract(model_dir: str, manifest: str, run: str, name: str, **options) -> RunFolder:
     """Per-sample statistics of the manifest's pairs against the run's R, stored as set ``name``, a
-    chunk per batch; rerunning skips the pairs already stored. ``options``: the fields of :class:`Options`."""
+    chunk per batch; rerunning skips the pairs already stored. Holds the folder's writer lock throughout
+    (another writer is refused). ``options``: the fields of :class:`Options`."""
     opt = Options.of(**options)
-    model, processor, targets, folder = _setup(model_dir, run, opt)
+    folder = RunFolder(run)
+    with folder.writing(f"extract set {name}", create=False):  # R must be there already
+        _extract_pass(model_dir, manifest, folder, name, opt)
+    return folder
+
+
+def _extract_pass(model_dir: str, manifest: str, folder: RunFolder, name: str, opt: Options) -> None:
+    """The statistics pass of set ``name``, under the writer lock."""
+    model, processor, targets = _setup(model_dir, folder, opt)
     refs, _, ref_sha = folder.reference()
     refs = {k: v.to(opt.device) for k, v in refs.items()}
     pairs, problems = _pairs(manifest, opt, processor, model)
     folder.record_skipped(name, problems_as_records(problems))
+    digests = folder.bind_pairs(name, pairs)  # another manifest than the set was started from is refused
+    refuse_id_collisions(name, digests, "the pairs that built R", folder.reference_pairs())
     done = folder.done_ids(name, ref_sha)
 
     def work(chunk, batch):
@@ -257,7 +278,6 @@ def run_extract(model_dir: str, manifest: str, run: str, name: str, **options) -
         folder.save_chunk(name, chunk, result.tensors(), ref_sha)
 
     _each_batch([p for p in pairs if p.id not in done], len(pairs), name, model, processor, opt, work)
-    return folder
 
 
 def selection_table(model_dir: str, preset: str = "paper", pattern: str | None = None,

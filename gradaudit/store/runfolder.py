@@ -4,7 +4,9 @@ JSON and CSV only. It owns every path inside it:
     fingerprint.json                 model configuration and weights hashes, the selected weights
     reference.safetensors            R sums per weight (fp32), with the ids and N in its metadata
     reference_norms.safetensors      R's squared row and column norms per weight, once R is complete
+    reference_pairs.json             the pairs R is built from: id, content digest, label
     stats/<set>/chunk-000000.safetensors   per-sample statistics of one batch, ids in the metadata
+    stats/<set>/pairs.json           the pairs the set is extracted from: id, content digest, label
     skipped/<set>.jsonl              manifest lines left out, with the reason
     manifests/<name>.jsonl           manifests the audit derives (the split of the reference members,
                                      the association test's shuffled pairs)
@@ -12,44 +14,53 @@ JSON and CSV only. It owns every path inside it:
     results/<set>/pairs.csv, metrics.json, report.html, figures/*.png   what scoring a set writes
 
 Every file is written to a temporary name and renamed, so a crash loses at most the batch in flight,
-and rerunning continues from what is there without duplicating a sample.
+and rerunning continues from what is there without duplicating a sample. Every file carries a checksum
+(``store/integrity.py``), checked whenever it is read: a truncated, altered or foreign file raises
+``CorruptFile`` naming it and the step that writes it again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import numpy as safetensors_numpy
-from safetensors.torch import load_file, safe_open, save_file
 
-from gradaudit.errors import ConfigError, RunMismatch, StageMissing
+from gradaudit.errors import ConfigError, CorruptFile, ManifestChanged, NonFiniteStats, RunMismatch, StageMissing
 from gradaudit.schema import STAT_KEYS
-
-
-def _text(text: str):
-    return lambda path: Path(path).write_text(text)
-
-
-def _atomic(path: str, write) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-    return path
+from gradaudit.store.integrity import (TEMPORARY, Unverified, pair_digest, read_metadata, read_tensors, read_text,
+                                       refuse_id_collisions, save_tensors, tensors_sha256, write_text)
+from gradaudit.store.lock import exclusive
 
 
 def _plain_name(kind: str, name: str) -> str:
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"a {kind} needs a plain name (no '/', not starting with '.'); got {name!r}")
     return name
+
+
+def _non_finite(chunk: dict[str, torch.Tensor], ids: list[str]) -> list[str]:
+    """Ids of a chunk's pairs with a NaN or infinite value in their statistics, loss or token quantities
+    (a token row belongs to the pair whose span of "token_offsets" holds it)."""
+    bad = torch.zeros(len(ids), dtype=torch.bool)
+    for key, value in chunk.items():
+        if key == "token_offsets":
+            continue
+        finite = torch.isfinite(value)
+        rows = ~(finite.flatten(1).all(1) if finite.dim() > 1 else finite)
+        if key == "tokens":
+            owner = torch.searchsorted(chunk["token_offsets"][1:], torch.arange(len(value)), right=True)
+            bad[owner[rows]] = True
+        else:
+            bad |= rows
+    return [pid for pid, b in zip(ids, bad.tolist()) if b]
 
 
 @dataclass
@@ -76,12 +87,40 @@ class StoredSet:
 
 
 class RunFolder:
+    """The run folder at ``path``. Making one creates nothing: only writing creates the folder (and the
+    folders inside it), so a reader given a mistyped path fails instead of leaving an empty folder."""
+
     def __init__(self, path: str):
         self.path = path
-        os.makedirs(path, exist_ok=True)
 
     def _file(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
+
+    @contextlib.contextmanager
+    def writing(self, command: str, create: bool = True):
+        """Holds the folder's writer lock (``store/lock.py``) for a writing command's whole duration: a
+        second writer is refused at once with ``RunBusy``. ``create``: make the folder if it is absent
+        (the reference pass, the audit); otherwise an absent folder is ``StageMissing`` (the extract
+        and the fit write only where R is). The outermost holder also removes the temporary files of writers that
+        were killed: while the lock is held, nobody else is writing one."""
+        if not os.path.isdir(self.path):
+            if not create:
+                raise self._nothing_captured()
+            os.makedirs(self.path, exist_ok=True)
+        with exclusive(self.path, command) as outermost:
+            if outermost:
+                for root, _, files in os.walk(self.path):
+                    for name in files:
+                        if TEMPORARY.search(name):
+                            os.remove(os.path.join(root, name))
+            yield self
+
+    def _verified(self, read, path: str, stage: str, set_name: str | None = None):
+        """``read(path)``; a failed check is raised as ``CorruptFile`` naming the step that writes the file."""
+        try:
+            return read(path)
+        except Unverified as exc:
+            raise CorruptFile(path, str(exc), stage, set_name) from None
 
     # fingerprint ---------------------------------------------------------------------------------
     @property
@@ -92,7 +131,7 @@ class RunFolder:
         """Records the fingerprint, or checks it against the one recorded; says what differs."""
         path = self.fingerprint_path
         if not os.path.exists(path):
-            _atomic(path, _text(json.dumps(fingerprint, indent=1)))
+            write_text(path, json.dumps(fingerprint, indent=1))
             return
         stored = self.fingerprint()
         keys = ("config_sha256", "weights_sha256", "processor_sha256", "adapter_sha256", "targets", "mode", "autocast",
@@ -107,11 +146,53 @@ class RunFolder:
             raise RunMismatch(f"{self.path} holds results of another run: "
                               f"{', '.join(what[k] for k in differs)} differ(s)")
 
+    def _nothing_captured(self) -> StageMissing:
+        if not os.path.isdir(self.path):
+            return StageMissing(self.path, "reference", "no run folder here: nothing was captured into it")
+        return StageMissing(self.path, "reference", "nothing was captured into this run folder yet")
+
     def fingerprint(self) -> dict:
         if not os.path.exists(self.fingerprint_path):
-            raise StageMissing(self.path, "reference", "nothing was captured into this run folder yet")
-        with open(self.fingerprint_path) as f:
-            return json.load(f)
+            raise self._nothing_captured()
+        return json.loads(self._verified(read_text, self.fingerprint_path, "fingerprint"))
+
+    # the pairs a pass is bound to -----------------------------------------------------------------
+    def _pairs_path(self, name: str | None) -> str:
+        if name is None:
+            return self._file("reference_pairs.json")
+        return os.path.join(self._stats_dir(name), "pairs.json")
+
+    def bind_pairs(self, name: str | None, pairs: list) -> dict[str, str]:
+        """Binds set ``name`` (None: R) to ``pairs`` (manifest.Pair) when its first pass starts; a later
+        pass must be a resume over the same pairs: the same ids with the same contents
+        (``integrity.pair_digest``) and labels, in any order. Anything else is ``ManifestChanged``:
+        statistics of the old pairs must not pass for the new ones, nor two manifests merge into one
+        set. Returns each pair's content digest by id."""
+        bound = {p.id: [pair_digest(p), p.label] for p in pairs}
+        path = self._pairs_path(name)
+        if not os.path.exists(path):
+            write_text(path, json.dumps([[pid, digest, label] for pid, (digest, label) in bound.items()]))
+        else:
+            stored = self._bound(name)
+            differ = [pid for pid in bound if stored.get(pid) != bound[pid]]
+            differ += [pid for pid in stored if pid not in bound]
+            if differ:
+                raise ManifestChanged(self.path, name, differ)
+        return {pid: digest for pid, (digest, _) in bound.items()}
+
+    def _bound(self, name: str | None) -> dict[str, list]:
+        """The pairs set ``name`` (None: R) is bound to: [content digest, label] by id."""
+        path, stage = self._pairs_path(name), "reference" if name is None else "extract"
+        if not os.path.exists(path):
+            raise CorruptFile(path, "missing: the pairs these results were computed from are not recorded", stage, name)
+        return {pid: [digest, label] for pid, digest, label in json.loads(self._verified(read_text, path, stage, name))}
+
+    def _check_bound(self, name: str | None, ids: list[str], digests: list[str]) -> None:
+        """Refuses stored results over pairs that set ``name`` (None: R) is not bound to."""
+        bound = self._bound(name)
+        foreign = [pid for pid, digest in zip(ids, digests) if pid not in bound or bound[pid][0] != digest]
+        if foreign:
+            raise ManifestChanged(self.path, name, foreign)
 
     # reference -----------------------------------------------------------------------------------
     @property
@@ -123,40 +204,65 @@ class RunFolder:
         return self._file("reference_norms.safetensors")
 
     def _reference_incomplete(self) -> StageMissing:
+        if not os.path.exists(self.reference_path):
+            return self._nothing_captured()
         return StageMissing(self.path, "reference", "the reference pass has not finished")
 
-    def save_reference(self, sums: dict[str, torch.Tensor], ids: list[str], complete: bool) -> None:
-        """R's sums over the ids so far; once complete, also R's squared row and column norms
-        ("<weight>|row_sq", "<weight>|col_sq"), which cosines and leave-one-out need."""
-        meta = {"ids": json.dumps(ids), "n": str(len(ids)), "complete": json.dumps(complete)}
+    def save_reference(self, sums: dict[str, torch.Tensor], ids: list[str], digests: list[str],
+                       complete: bool) -> None:
+        """R's sums over the ids so far (and their pairs' content digests); once complete, also R's squared
+        row and column norms ("<weight>|row_sq", "<weight>|col_sq"), which cosines and leave-one-out
+        need, tied to the sums they were computed from by the sums' checksum. The norms go first: the
+        reference file saying "complete" is what makes the pass complete."""
+        meta = {"ids": json.dumps(ids), "digests": json.dumps(digests), "n": str(len(ids)),
+                "complete": json.dumps(complete)}
         tensors = {k: v.contiguous().cpu() for k, v in sums.items()}
         if complete:
             norms = {}
             for name, total in tensors.items():
                 r_sq = (total.double() / len(ids)) ** 2
                 norms[f"{name}|row_sq"], norms[f"{name}|col_sq"] = r_sq.sum(1).float(), r_sq.sum(0).float()
-            _atomic(self.reference_norms_path, lambda p: save_file(norms, p, metadata={"n": str(len(ids))}))
-        _atomic(self.reference_path, lambda p: save_file(tensors, p, metadata=meta))
+            meta_norms = {"n": str(len(ids)), "sums_sha256": tensors_sha256(tensors)}
+            save_tensors(self.reference_norms_path, norms, meta_norms, "reference norms")
+        save_tensors(self.reference_path, tensors, meta, "reference sums")
 
     def reference_norms(self) -> dict[str, torch.Tensor]:
         """R's squared row and column norms per weight, written when the reference pass completed."""
         if not os.path.exists(self.reference_norms_path):
             raise self._reference_incomplete()
-        return load_file(self.reference_norms_path)
+        norms, meta = self._verified(lambda p: read_tensors(p, "reference norms"), self.reference_norms_path,
+                                     "reference")
+        sums = self._verified(lambda p: read_metadata(p, "reference sums"), self.reference_path, "reference")
+        if meta["sums_sha256"] != sums["sha256"]:
+            raise CorruptFile(self.reference_norms_path, "computed from other sums than reference.safetensors holds",
+                              "reference")
+        return norms
 
     def load_reference(self) -> tuple[dict[str, torch.Tensor], list[str], bool]:
-        """(sums, ids, complete); empty when nothing is stored yet."""
+        """(sums, ids, complete); empty when nothing is stored yet. The ids must be among the pairs R is
+        bound to, with the same contents."""
         if not os.path.exists(self.reference_path):
             return {}, [], False
-        with safe_open(self.reference_path, "pt") as f:
-            meta = f.metadata()
-        return load_file(self.reference_path), json.loads(meta["ids"]), json.loads(meta["complete"])
+        sums, meta = self._verified(lambda p: read_tensors(p, "reference sums"), self.reference_path, "reference")
+        ids = json.loads(meta["ids"])
+        self._check_bound(None, ids, json.loads(meta["digests"]))
+        return sums, ids, json.loads(meta["complete"])
+
+    def reference_pairs(self) -> dict[str, str]:
+        """The content digest of each pair that built R so far, by id; empty before the reference pass."""
+        if not os.path.exists(self.reference_path):
+            return {}
+        meta = self._verified(lambda p: read_metadata(p, "reference sums"), self.reference_path, "reference")
+        return dict(zip(json.loads(meta["ids"]), json.loads(meta["digests"])))
 
     def reference(self) -> tuple[dict[str, torch.Tensor], int, str]:
-        """R = sums / N for each weight, N, and the file's hash (that statistics record)."""
+        """R = sums / N for each weight, N, and the file's hash (that statistics record). Non-finite sums
+        are refused here, before any statistics are computed against them."""
         sums, ids, complete = self.load_reference()
         if not complete:
             raise self._reference_incomplete()
+        if not all(torch.isfinite(v).all() for v in sums.values()):
+            raise NonFiniteStats(self.reference_path, [], "reference")
         with open(self.reference_path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
         return {k: v / len(ids) for k, v in sums.items()}, len(ids), digest
@@ -171,12 +277,26 @@ class RunFolder:
     def has_set(self, name: str) -> bool:
         return bool(self._chunks(name))
 
+    def _chunk_metadata(self, name: str) -> list[tuple[str, dict[str, str]]]:
+        """(path, metadata) of each chunk of set ``name``, verified: each holds pairs the set is bound to
+        (ids and contents), and no pair is in two chunks."""
+        out, seen = [], {}
+        for path in self._chunks(name):
+            meta = self._verified(lambda p: read_metadata(p, "statistics chunk"), path, "extract", name)
+            ids = json.loads(meta["ids"])
+            self._check_bound(name, ids, json.loads(meta["digests"]))
+            twice = [pid for pid in ids if pid in seen]
+            if twice:
+                raise CorruptFile(path, f"holds pairs that {os.path.basename(seen[twice[0]])} holds too (e.g. id "
+                                        f"{twice[0]!r})", "extract", name)
+            seen.update(dict.fromkeys(ids, path))
+            out.append((path, meta))
+        return out
+
     def done_ids(self, name: str, ref_sha: str) -> set[str]:
         """Ids already stored for set ``name``; refuses chunks made against another R."""
         done = set()
-        for path in self._chunks(name):
-            with safe_open(path, "pt") as f:
-                meta = f.metadata()
+        for path, meta in self._chunk_metadata(name):
             if meta["reference_sha256"] != ref_sha:
                 raise RunMismatch(f"{path} was computed against another reference R; use a new set name")
             done.update(json.loads(meta["ids"]))
@@ -185,24 +305,29 @@ class RunFolder:
     def save_chunk(self, name: str, pairs: list, tensors: dict[str, torch.Tensor], ref_sha: str) -> str:
         """Stores one batch of ``pairs`` (manifest.Pair): ``tensors`` holds per weight
         "<weight>|<stat>" (B, d); "loss" (B,); "tokens" (N_text, 8) with "token_offsets" (B+1,) (the
-        fields of schema.TOKEN_FIELDS). The pairs' ids, texts and labels go in the metadata, so that
-        later steps need only the run folder."""
-        folder = self._stats_dir(name)
-        index = len(self._chunks(name))
-        path = os.path.join(folder, f"chunk-{index:06d}.safetensors")
-        meta = {"ids": json.dumps([p.id for p in pairs]), "reference_sha256": ref_sha,
+        fields of schema.TOKEN_FIELDS). The pairs' ids, content digests, texts and labels go in the
+        metadata, so that later steps need only the run folder. The chunk is numbered after the last
+        one, so that a chunk deleted to be recomputed never makes a later one be overwritten."""
+        chunks = self._chunks(name)
+        index = int(os.path.basename(chunks[-1])[len("chunk-"):-len(".safetensors")]) + 1 if chunks else 0
+        path = os.path.join(self._stats_dir(name), f"chunk-{index:06d}.safetensors")
+        meta = {"ids": json.dumps([p.id for p in pairs]), "digests": json.dumps([pair_digest(p) for p in pairs]),
+                "reference_sha256": ref_sha,
                 "texts": json.dumps([p.text for p in pairs]), "labels": json.dumps([p.label for p in pairs])}
-        stored = {k: v.cpu().contiguous() for k, v in tensors.items()}
-        return _atomic(path, lambda p: save_file(stored, p, metadata=meta))
+        save_tensors(path, {k: v.cpu().contiguous() for k, v in tensors.items()}, meta, "statistics chunk")
+        return path
 
     def load_stats(self, name: str) -> tuple[list[str], dict[str, torch.Tensor]]:
         """All chunks of a set concatenated: ids, and {"<weight>|<stat>", "loss", "tokens": (n, …),
-        "token_offsets": (n+1,)}."""
+        "token_offsets": (n+1,)}. A chunk holding NaN or infinite values is refused, naming its pairs."""
         ids, parts, offsets = [], {}, [torch.zeros(1, dtype=torch.int64)]
-        for path in self._chunks(name):
-            with safe_open(path, "pt") as f:
-                ids += json.loads(f.metadata()["ids"])
-            chunk = load_file(path)
+        for path, _ in self._chunk_metadata(name):
+            chunk, meta = self._verified(lambda p: read_tensors(p, "statistics chunk"), path, "extract", name)
+            chunk_ids = json.loads(meta["ids"])
+            bad = _non_finite(chunk, chunk_ids)
+            if bad:
+                raise NonFiniteStats(path, bad, "extract", name)
+            ids += chunk_ids
             offsets.append(chunk.pop("token_offsets")[1:] + offsets[-1][-1])
             for k, v in chunk.items():
                 parts.setdefault(k, []).append(v)
@@ -210,19 +335,26 @@ class RunFolder:
         out["token_offsets"] = torch.cat(offsets)
         return ids, out
 
+    def pair_digests(self, name: str) -> dict[str, str]:
+        """The content digest of each pair of set ``name``, by id, in stored order."""
+        digests = {}
+        for _, meta in self._chunk_metadata(name):
+            digests.update(zip(json.loads(meta["ids"]), json.loads(meta["digests"])))
+        return digests
+
     def pair_info(self, name: str) -> tuple[list[str], list[str], list]:
         """(ids, texts, labels) of set ``name`` in stored order; a label is None where the manifest had none."""
         ids, texts, labels = [], [], []
-        for path in self._chunks(name):
-            with safe_open(path, "pt") as f:
-                meta = f.metadata()
+        for _, meta in self._chunk_metadata(name):
             ids += json.loads(meta["ids"])
             texts += json.loads(meta["texts"])
             labels += json.loads(meta["labels"])
         return ids, texts, labels
 
     def stored_set(self, name: str) -> StoredSet:
-        """Set ``name`` with R's norms and which pairs built R, as plain arrays."""
+        """Set ``name`` with R's norms and which pairs built R, as plain arrays. A pair built R when its
+        id and content are those of one of R's pairs; an id of R's with other content is refused
+        (``IdCollision``), as it would be scored leave-one-out against a gradient that is not in R."""
         _, ref_ids, complete = self.load_reference()
         if not complete:
             raise self._reference_incomplete()
@@ -234,7 +366,8 @@ class RunFolder:
         if info_ids != ids:
             raise RunMismatch(f"{self.path}: set {name!r} has inconsistent chunks; extract it again into a new set")
         weights = sorted({k.split("|")[0] for k in stats if "|" in k})
-        members = set(ref_ids)
+        members = self.reference_pairs()
+        refuse_id_collisions(name, self.pair_digests(name), "the pairs that built R", members)
         return StoredSet(
             ids=ids, texts=texts, labels=labels, weights=weights,
             stats={key: {w: stats[f"{w}|{key}"].double().numpy() for w in weights} for key in STAT_KEYS},
@@ -245,22 +378,21 @@ class RunFolder:
 
     def record_skipped(self, name: str, records: list[dict]) -> None:
         if records:
-            path = self._file("skipped", f"{_plain_name('set', name)}.jsonl")
-            _atomic(path, _text("".join(json.dumps(r) + "\n" for r in records)))
+            write_text(self._file("skipped", f"{_plain_name('set', name)}.jsonl"),
+                       "".join(json.dumps(r) + "\n" for r in records))
 
     # manifests the audit derives -----------------------------------------------------------------
     def manifest_path(self, name: str) -> str:
-        """Where a manifest the audit derives is kept (the caller writes it)."""
-        path = self._file("manifests", f"{_plain_name('manifest', name)}.jsonl")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        return path
+        """Where a manifest the audit derives is kept (the caller writes it, creating the folder)."""
+        return self._file("manifests", f"{_plain_name('manifest', name)}.jsonl")
 
     # the fit ---------------------------------------------------------------------------------------
     def save_fit(self, summary: dict, arrays: dict[str, np.ndarray]) -> None:
-        """The fit: a JSON summary (its structure included) and its fitted arrays."""
-        _atomic(self._file("fit", "models.safetensors"),
-                lambda p: safetensors_numpy.save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, p))
-        _atomic(self._file("fit", "summary.json"), _text(json.dumps(summary, indent=1)))
+        """The fit: its fitted arrays, then a JSON summary (its structure included) that records the
+        arrays' checksum, so that a summary is never read with arrays of another fit."""
+        models = save_tensors(self._file("fit", "models.safetensors"),
+                              {k: np.ascontiguousarray(v) for k, v in arrays.items()}, {}, "fit arrays")
+        write_text(self._file("fit", "summary.json"), json.dumps({**summary, "models_sha256": models}, indent=1))
 
     def has_fit(self) -> bool:
         return os.path.exists(self._file("fit", "summary.json"))
@@ -268,17 +400,19 @@ class RunFolder:
     def load_fit(self) -> tuple[dict, dict[str, np.ndarray]]:
         if not self.has_fit():
             raise StageMissing(self.path, "fit", "no fit is stored")
-        with open(self._file("fit", "summary.json")) as f:
-            summary = json.load(f)
-        return summary, safetensors_numpy.load_file(self._file("fit", "models.safetensors"))
+        summary = json.loads(self._verified(read_text, self._file("fit", "summary.json"), "fit"))
+        path = self._file("fit", "models.safetensors")
+        arrays, meta = self._verified(lambda p: read_tensors(p, "fit arrays", "np"), path, "fit")
+        if summary.pop("models_sha256", None) != meta["sha256"]:
+            raise CorruptFile(path, "not the arrays fit/summary.json was written with", "fit")
+        return summary, arrays
 
     # results per set -------------------------------------------------------------------------------
     def results_dir(self, name: str) -> str:
-        path = self._file("results", _plain_name("set", name))
-        os.makedirs(path, exist_ok=True)
-        return path
+        return self._file("results", _plain_name("set", name))
 
     def figure_path(self, name: str, figure: str) -> str:
+        """Where the report writes a figure; its folder is created, as the caller writes there at once."""
         path = os.path.join(self.results_dir(name), "figures", f"{figure}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return path
@@ -293,20 +427,17 @@ class RunFolder:
         return os.path.join(self.results_dir(name), "report.html")
 
     def write_pairs_csv(self, name: str, header: list[str], rows: list[list]) -> str:
-        def write(path):
-            with open(path, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(header)
-                w.writerows(rows)
-
-        return _atomic(self.pairs_csv_path(name), write)
+        text = io.StringIO(newline="")
+        w = csv.writer(text)
+        w.writerow(header)
+        w.writerows(rows)
+        return write_text(self.pairs_csv_path(name), text.getvalue())
 
     def write_metrics(self, name: str, metrics: dict) -> str:
-        return _atomic(self.metrics_path(name), _text(json.dumps(metrics, indent=1, default=float)))
+        return write_text(self.metrics_path(name), json.dumps(metrics, indent=1, default=float))
 
     def read_metrics(self, name: str) -> dict:
-        with open(self.metrics_path(name)) as f:
-            return json.load(f)
+        return json.loads(self._verified(read_text, self.metrics_path(name), "results", name))
 
     def write_report(self, name: str, page: str) -> str:
-        return _atomic(self.report_path(name), _text(page))
+        return write_text(self.report_path(name), page)
