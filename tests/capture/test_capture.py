@@ -229,7 +229,7 @@ def test_idefics3_through_its_processor():
 
 def test_chat_template_shapes_the_prompt():
     """Where the processor has a chat template, the conversation comes from it; labels stay on the text and
-    the template's end of turn."""
+    what the template puts right after it, if anything."""
     model, processor = tiny_llava(seed=0)
     processor.chat_template = (
         "{% for m in messages %}<|{{ m['role'] }}|>{% for c in m['content'] %}"
@@ -239,7 +239,9 @@ def test_chat_template_shapes_the_prompt():
                          PromptFormat("chat-template"))
     tok = processor.tokenizer
     first = tok.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
-    assert first.startswith("<|user|>") and first.endswith("<|assistant|>\na red square\n")
+    # jinja's trim_blocks drops the newlines after the loops: this template puts nothing after the
+    # assistant's text, so the text alone carries labels
+    assert first.startswith("<|user|>") and first.endswith("\nDescribe.<|assistant|>a red square")
     labelled = tok.decode(batch["labels"][0][batch["labels"][0] != -100])
-    assert labelled == "a red square\n"
+    assert labelled == "a red square"
     _engine_equals_paper_loop(freeze(model), processor, "paper", "torch", "cpu")
