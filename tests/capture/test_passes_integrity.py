@@ -12,7 +12,7 @@ from gradaudit.store.runfolder import RunFolder
 from gradaudit.toy.tiny import random_images, tiny_llava
 
 TEXTS = ["a red square", "two blue circles on grey", "x", "a green triangle at the top", "noise", "one dot"]
-OPTS = dict(batch_size=2, progress=False)
+OPTS = dict(batch_size=2, progress=False, prompt_format="chat-template")  # the tiny model's chat template
 
 
 @pytest.fixture(scope="module")
