@@ -69,6 +69,8 @@ def _check_args(x, grad_out, offsets, ref) -> None:
             raise ValueError(f"ref must be float32 or x's dtype {x.dtype}; got {ref.dtype}")
         if ref.device != x.device:
             raise ValueError(f"ref must be on x's device {x.device}; got {ref.device}")
+        if ref.layout != torch.strided:
+            raise ValueError(f"ref must be a dense (strided) tensor; got layout {ref.layout}")
 
 
 def _check_offsets(bounds: list[int], num_tokens: int) -> None:

@@ -95,7 +95,7 @@ def test_ctrl_c_prints_one_line_and_exits_130(command, tmp_path, capsys, monkeyp
 def test_skipped_lines_are_counted_with_their_record(saved, capsys):
     bad = _manifest(saved / "skip.jsonl", [_pair(0), _pair(1), {"id": "x", "image": "img/none.png", "text": "t"},
                                            _pair(2), {"id": "y", "image": "img/0.png", "txt": "t"}])
-    run = saved / "run_skip"
+    run = saved / "run_skip_lines"  # not the audit's run_skip below: each its own reference
     common = ["--model", saved / "model", "--run", run, "--no-progress"]
     assert _run("reference", "--manifest", bad, *common, "--on-error", "skip") == 0
     record = run / "skipped" / "reference.jsonl"

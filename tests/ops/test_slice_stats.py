@@ -235,6 +235,7 @@ def test_empty_batch(backend):
         (dict(offsets=[0, 2**70]), "offsets must be a 1-D list or tensor of integers"),
         (dict(offsets="04"), "offsets must be a 1-D list or tensor of integers"),
         (dict(x=torch.randn(4, 3).to_sparse()), "x must be a dense"),
+        (dict(ref=torch.randn(2, 3).to_sparse()), "ref must be a dense"),
         (dict(ref=torch.randn(3, 2)), r"ref must have shape \(d_out, d_in\) = \(2, 3\)"),
         (dict(ref=torch.randn(2, 3, dtype=torch.float64)), "ref must be float32"),
         (dict(backend="cuda"), "backend must be one of"),
