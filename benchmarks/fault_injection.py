@@ -156,7 +156,7 @@ def run_child(work: str, name: str, fn, *args) -> Child:
 
 def argv(kind: str, work: str, run: str, batch_size: int) -> list[str]:
     out = [kind, "--model", os.path.join(work, "model"), "--manifest", os.path.join(work, f"{kind}.jsonl"),
-           "--run", run, "--batch-size", str(batch_size), "--no-progress"]
+           "--run", run, "--batch-size", str(batch_size), "--no-progress", "--prompt-format", "chat-template"]
     return out + (["--set", "audited"] if kind == "extract" else [])
 
 
