@@ -113,3 +113,18 @@ def idefics3_batch(tok, pixels, prompts, texts):
         labels[b, : len(tok(h)["input_ids"])] = -100
     batch["labels"] = labels
     return batch
+
+
+def save_llava_folder(root, model_name: str = "model", n_images: int = 0, image_seed: int = 0, seed: int = 0):
+    """A saved :func:`tiny_llava` (model and processor in ``root/model_name``) and ``n_images`` random images
+    as ``root/img/<i>.png``, for tests that run the capture from files; returns the images."""
+    import os
+
+    model, processor = tiny_llava(seed=seed)
+    model.save_pretrained(os.path.join(root, model_name))
+    processor.save_pretrained(os.path.join(root, model_name))
+    os.makedirs(os.path.join(root, "img"), exist_ok=True)
+    images = random_images(n_images, seed=image_seed)
+    for i, im in enumerate(images):
+        im.save(os.path.join(root, "img", f"{i}.png"))
+    return images

@@ -12,18 +12,13 @@ from safetensors.torch import load_file, save_file
 from gradaudit.capture import run_reference
 from gradaudit.errors import ModelError, RunMismatch
 from gradaudit.models import fingerprint, load_model, select_targets
-from gradaudit.toy.tiny import random_images, tiny_llava
+from gradaudit.toy.tiny import save_llava_folder
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("folder")
-    model, processor = tiny_llava(seed=0)
-    model.save_pretrained(root / "m")
-    processor.save_pretrained(root / "m")
-    (root / "img").mkdir()
-    for i, im in enumerate(random_images(2, seed=3)):
-        im.save(root / "img" / f"{i}.png")
+    save_llava_folder(root, "m", n_images=2, image_seed=3)
     (root / "members.jsonl").write_text("".join(
         json.dumps({"id": f"p{i}", "image": f"img/{i}.png", "text": t}) + "\n" for i, t in enumerate(["a b", "c d"])))
     return root

@@ -9,7 +9,7 @@ import pytest
 from gradaudit.capture import run_extract, run_reference
 from gradaudit.errors import IdCollision, ManifestChanged
 from gradaudit.store.runfolder import RunFolder
-from gradaudit.toy.tiny import random_images, tiny_llava
+from gradaudit.toy.tiny import save_llava_folder
 
 TEXTS = ["a red square", "two blue circles on grey", "x", "a green triangle at the top", "noise", "one dot"]
 OPTS = dict(batch_size=2, progress=False, prompt_format="chat-template")  # the tiny model's chat template
@@ -18,12 +18,7 @@ OPTS = dict(batch_size=2, progress=False, prompt_format="chat-template")  # the 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
-    model, processor = tiny_llava(seed=0)
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    (root / "img").mkdir()
-    for i, im in enumerate(random_images(len(TEXTS), seed=3)):
-        im.save(root / "img" / f"{i}.png")
+    save_llava_folder(root, n_images=len(TEXTS), image_seed=3)
     return root
 
 

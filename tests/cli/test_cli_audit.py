@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gradaudit.cli import main
-from gradaudit.toy.tiny import random_images, tiny_llava
+from gradaudit.toy.tiny import save_llava_folder
 
 WORDS = ["red", "blue", "green", "small", "large", "square", "circle", "dot", "left", "right", "top", "noise"]
 
@@ -16,13 +16,7 @@ WORDS = ["red", "blue", "green", "small", "large", "square", "circle", "dot", "l
 @pytest.fixture(scope="module")
 def audit_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("audit")
-    model, processor = tiny_llava(seed=0)
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    (root / "img").mkdir()
-    images = random_images(40, seed=7)
-    for i, im in enumerate(images):
-        im.save(root / "img" / f"{i}.png")
+    save_llava_folder(root, n_images=40, image_seed=7)
 
     def text(i):
         return " ".join(WORDS[(i * k + 3) % len(WORDS)] for k in range(1, 6))

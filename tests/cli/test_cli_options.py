@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gradaudit.cli import main
-from gradaudit.toy.tiny import random_images, tiny_llava
+from gradaudit.toy.tiny import save_llava_folder
 
 WORDS = ["red", "blue", "green", "small", "large", "square", "circle", "dot", "left", "right", "top", "noise"]
 
@@ -27,12 +27,7 @@ def _text(i):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("options")
-    model, processor = tiny_llava(seed=0)
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    (root / "img").mkdir()
-    for i, im in enumerate(random_images(24, seed=5)):
-        im.save(root / "img" / f"{i}.png")
+    save_llava_folder(root, n_images=24, image_seed=5)
     return root
 
 
