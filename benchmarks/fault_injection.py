@@ -8,7 +8,8 @@ write of the tiny files, further trials have the command kill itself just before
 written file into the run folder (k at random), its temporary file written and not yet in place. The
 final statistics must be bit-identical to an uninterrupted run's: every tensor and every id, in stored
 order, no pair twice, no temporary file left. Then two writers on one folder: the second must be
-refused at once and the first must finish with the same statistics.
+refused at once and the first must finish with the same statistics. ``gradaudit reference`` is the
+whole reference step: R from half the members, then the other half stored as the set reference_members.
 
 The commands run in processes forked from this one, which has imported the package and the model's
 modules once: each then starts in a second instead of importing torch and transformers anew (10-20 s
@@ -176,11 +177,17 @@ def wait_for_lock(proc, run: str) -> float | None:
 
 
 def stored_pairs(run: str, kind: str) -> int:
-    """How many pairs a killed pass had stored, from the files' verified metadata (no torch here)."""
-    if kind == "reference":
-        path = os.path.join(run, "reference.safetensors")
-        return len(json.loads(read_metadata(path, "reference sums")["ids"])) if os.path.exists(path) else 0
-    chunks = os.path.join(run, "stats", "audited")
+    """How many pairs a killed pass had stored, from the files' verified metadata (no torch here). The
+    reference step stores R's half of the members, then the other half as the set reference_members."""
+    if kind == "extract":
+        return _chunked_pairs(run, "audited")
+    path = os.path.join(run, "reference.safetensors")
+    in_r = len(json.loads(read_metadata(path, "reference sums")["ids"])) if os.path.exists(path) else 0
+    return in_r + _chunked_pairs(run, "reference_members")
+
+
+def _chunked_pairs(run: str, name: str) -> int:
+    chunks = os.path.join(run, "stats", name)
     return sum(len(json.loads(read_metadata(os.path.join(chunks, c), "statistics chunk")["ids"]))
                for c in (os.listdir(chunks) if os.path.isdir(chunks) else []) if c.endswith(".safetensors"))
 
@@ -291,7 +298,9 @@ def snapshot(run: str, kind: str) -> dict:
     if kind == "reference":
         sums, ids, complete = folder.load_reference()
         assert complete, run
-        return {"ids": ids, "tensors": sums | {f"norms/{k}": v for k, v in folder.reference_norms().items()}}
+        members, stats = folder.load_stats("reference_members")
+        return {"ids": ids + members, "tensors": sums | {f"norms/{k}": v for k, v in folder.reference_norms().items()}
+                | {f"reference_members/{k}": v for k, v in stats.items()}}
     ids, stats = folder.load_stats("audited")
     return {"ids": ids, "tensors": stats}
 

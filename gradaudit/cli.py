@@ -15,10 +15,13 @@ from gradaudit.models.selection import PRESETS
 from gradaudit.ops.backends import NAMES as BACKENDS
 from gradaudit.store.manifest import OUTSIDE
 
-EXAMPLE = """example (a LLaVA checkpoint saved with save_pretrained, manifests of JSONL pairs):
+EXAMPLE = """example (a LLaVA checkpoint saved with save_pretrained, manifests of JSONL pairs), the same steps
+and the same answer as `gradaudit audit` (add --prompt-format to the capture commands where the model needs it):
   gradaudit layers ./llava-tiny --preset paper
   gradaudit reference --model ./llava-tiny --manifest members.jsonl --run runs/audit1
-  gradaudit extract --model ./llava-tiny --manifest audited.jsonl --run runs/audit1 --set audited
+  gradaudit extract --model ./llava-tiny --manifest nonmembers.jsonl --run runs/audit1 --set reference_nonmembers
+  gradaudit extract --model ./llava-tiny --manifest probes.jsonl --run runs/audit1 --set probes
+  gradaudit report --run runs/audit1 --set probes
 A manifest line: {"id": "p1", "image": "images/p1.png", "prompt": "Describe the image.", "text": "a red square"}
 Interrupted runs continue where they stopped when the same command is run again."""
 
@@ -73,13 +76,18 @@ def main(argv=None) -> int:
     p.add_argument("--adapter", help="PEFT LoRA adapter folder")
     p.add_argument("--preset", default="paper", choices=PRESETS)
     p.add_argument("--pattern")
-    p = sub.add_parser("reference", help="sum the members' gradients into R (the reference pass)",
-                       epilog=EXAMPLE, formatter_class=fmt)
+    p = sub.add_parser("reference", help="the known members: half build R, the other half become the set "
+                       "reference_members (as in gradaudit audit)", epilog=EXAMPLE, formatter_class=fmt)
     _common(p)
+    p.add_argument("--no-split", action="store_true",
+                   help="every member builds R and is extracted as reference_members, scored leave-one-out (the "
+                        "protocol measured optimistic; split_reference = false in an audit file)")
     p = sub.add_parser("extract", help="per-sample slice statistics of a set of pairs against R",
                        epilog=EXAMPLE, formatter_class=fmt)
     _common(p)
-    p.add_argument("--set", required=True, dest="name", help="name of the statistics set, e.g. audited")
+    p.add_argument("--set", required=True, dest="name",
+                   help="name of the statistics set: reference_nonmembers for the known non-members, probes (or a "
+                        "name of your own) for a collection to audit")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p = sub.add_parser("formats", help="rank prompt formats by how well known members fit them (the training "
                        "format fits best)", formatter_class=fmt)
@@ -96,14 +104,15 @@ def main(argv=None) -> int:
                        epilog=workflow.__doc__, formatter_class=fmt)
     p.add_argument("config", help="TOML file: model, run folder, manifests, options")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    steps = ("the steps after capture, one at a time, from a run folder whose sets reference_members, "
-             "reference_nonmembers and the audited set were extracted:\n"
+    steps = ("the steps after capture, one at a time, from a run folder with the sets reference_members (written by "
+             "gradaudit reference), reference_nonmembers and the audited set:\n"
              "  gradaudit fit --run runs/a1\n  gradaudit score --run runs/a1 --set probes\n"
              "  gradaudit evaluate --run runs/a1 --set probes\n  gradaudit report --run runs/a1 --set probes")
     for command, text in (("fit", "cross-validate every variant on the reference sets and choose one (stored)"),
                           ("score", "score a set: scores, probabilities, exposure, collection test (pairs.csv)"),
-                          ("evaluate", "score a labelled set and measure every score on its labels (metrics.json)"),
-                          ("report", "score (and evaluate, if labelled) a set and write report.html")):
+                          ("evaluate", "score a labelled set and measure every score on its labels (pairs.csv, metrics.json)"),
+                          ("report", "score (and evaluate, if labelled) a set and write report.html, metrics.json "
+                                     "and pairs.csv")):
         p = sub.add_parser(command, help=text, epilog=steps, formatter_class=fmt)
         p.add_argument("--run", required=True, help="run folder")
         p.add_argument("--method", default="auto", help="auto (default) or a variant: paper, loo, signed, "
@@ -149,8 +158,9 @@ def main(argv=None) -> int:
                   allow_outside=args.allow_images_outside)
         before = _skip_records(args.run)
         if args.command == "reference":
-            folder = capture.run_reference(args.model, args.manifest, args.run, **kw)
-            print(f"reference written to {folder.reference_path}")
+            folder = workflow.reference(args.model, args.manifest, args.run, split=not args.no_split, **kw)
+            print(f"reference written to {folder.reference_path}; statistics of set 'reference_members' in "
+                  f"{folder.path}/stats/reference_members")
         else:
             folder = capture.run_extract(args.model, args.manifest, args.run, args.name, backend=args.backend, **kw)
             print(f"statistics of set '{args.name}' in {folder.path}/stats/{args.name}")
@@ -187,6 +197,13 @@ def _report_skipped(run: str, before: dict) -> None:
             print(f"skipped {n} bad manifest line(s) of set '{name}'; they are listed in {path}", file=sys.stderr)
 
 
+def _capture_command(run: str, set_name: str) -> str:
+    """The command that captures a set (``gradaudit reference`` captures reference_members)."""
+    if set_name == "reference_members":
+        return f"`gradaudit reference --model MODEL --manifest MEMBERS --run {run}`"
+    return f"`gradaudit extract --model MODEL --manifest PAIRS --run {run} --set {set_name}`"
+
+
 def _advice(exc: Exception, args) -> str:
     """What to do about a library error, in terms of this command line."""
     run = getattr(args, "run", None) or "RUN"
@@ -198,7 +215,7 @@ def _advice(exc: Exception, args) -> str:
         again = f"`gradaudit audit {args.config}`" if audit else {
             "fingerprint": f"`gradaudit reference --model MODEL --manifest MEMBERS --run {run}`",
             "reference": f"`gradaudit reference --model MODEL --manifest MEMBERS --run {run}`",
-            "extract": f"`gradaudit extract --model MODEL --manifest PAIRS --run {run} --set {exc.set_name}`",
+            "extract": _capture_command(run, exc.set_name),
             "fit": f"`gradaudit fit --run {run}`",
             "results": f"`gradaudit report --run {run} --set {exc.set_name}`"}[exc.stage]
         cause = ("\nThe capture computed them: a float16 or bfloat16 overflow? (--dtype float32, no --autocast.)"
@@ -226,10 +243,12 @@ def _advice(exc: Exception, args) -> str:
     if isinstance(exc, StageMissing):
         return {"reference": f"\nRun `gradaudit reference --model MODEL --manifest MEMBERS --run {run}` first "
                              "(or `gradaudit audit CONFIG`).",
-                "extract": f"\nRun `gradaudit extract --model MODEL --manifest PAIRS --run {run} "
-                           f"--set {exc.set_name}` first.",
+                "extract": f"\nRun {_capture_command(run, exc.set_name)} first.",
                 "fit": f"\nRun `gradaudit fit --run {run}` first."}[exc.stage]
     if isinstance(exc, ManifestChanged):
+        if exc.set_name == "reference_members":
+            return ("\n`gradaudit reference` extracts the set reference_members itself, from the members' manifest "
+                    "(half of it, or all with --no-split): use a new run folder for other reference members.")
         if exc.set_name is None:
             return "\nUse a new run folder for another set of reference members, or the manifest R was built from."
         return (f"\nUse a new set name for other pairs (--set NEW), or the manifest set {exc.set_name!r} was "
@@ -261,13 +280,14 @@ def _analysis_step(args, workflow) -> int:
         print(f"chosen: {fitted.method} (the fit is stored in {args.run}/fit)")
         return 0
     scored = workflow.score(args.run, args.name, fitted)
+    pairs = workflow.write_pairs_csv(args.run, scored)  # every step that scores leaves the scores it read from
     if args.command == "score":
-        print(f"scores of set '{args.name}': {workflow.write_pairs_csv(args.run, scored)}")
+        print(f"scores of set '{args.name}': {pairs}")
         return 0
     evaluation = per_pair.evaluate(scored) if args.command == "evaluate" or scored.labelled else None
     result = workflow.write_outputs(args.run, fitted, scored, evaluation)
     print(verdict(result))
-    print(f"metrics: {folder.metrics_path(args.name)}  report: {folder.report_path(args.name)}")
+    print(f"metrics: {folder.metrics_path(args.name)}  report: {folder.report_path(args.name)}  pairs: {pairs}")
     return 0
 
 

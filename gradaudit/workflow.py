@@ -297,6 +297,18 @@ def _correct_probes(pairs: list[Pair], manifest: str) -> list[Pair]:
     return correct
 
 
+@contextlib.contextmanager
+def _named_after_sources(sources: dict[str, str]):
+    """A bad line found in a manifest the audit derived is reported in the user's manifest it came from
+    (``sources``: derived path → user's path); the derived manifests keep the user's line numbers."""
+    try:
+        yield
+    except ManifestError as exc:
+        if exc.path not in sources:
+            raise
+        raise ManifestError(sources[exc.path], exc.problems) from None
+
+
 def split_members(manifest: str, run: str, on_error: str, allow_outside: bool = False) -> tuple[str, str]:
     """Alternate lines of the reference members: the first half builds R, the second is scored against
     it exactly as a member probe is (never in R). Scoring reference members leave-one-out instead was
@@ -311,24 +323,35 @@ def split_members(manifest: str, run: str, on_error: str, allow_outside: bool = 
             write_pairs(folder.manifest_path("fit_members"), fitters, at_source_lines=True))
 
 
+def reference(model: str, manifest: str, run: str, split: bool = True, **capture) -> RunFolder:
+    """The reference step, the same in ``gradaudit audit`` and ``gradaudit reference``: R and the set
+    reference_members from the known members' manifest. ``split`` (the default, the protocol of
+    DESIGN.md §2.4): alternate lines build R, the others are extracted as reference_members and scored
+    against an R they are not in, as a member probe is. Else every member builds R and is extracted as
+    reference_members, scored leave-one-out (the protocol measured optimistic). Resumable; holds the
+    run folder's writer lock. ``capture``: the fields of ``capture.Options``."""
+    Options.of(**capture)  # a bad option stops the step before anything is read or written
+    folder = RunFolder(run)
+    with folder.writing("reference"):
+        builders = members = manifest
+        sources = {}  # a manifest derived here -> the user's it comes from
+        if split:
+            builders, members = split_members(manifest, run, capture.get("on_error", "stop"),
+                                              capture.get("allow_outside", False))
+            sources = dict.fromkeys((builders, members), manifest)
+            capture = dict(capture, allow_outside=True)  # the halves name images already checked, by absolute paths
+        with _named_after_sources(sources):
+            run_reference(model, builders, run, **capture)
+            run_extract(model, members, run, "reference_members", **capture)
+    return folder
+
+
 def association_manifest(probes: str, run: str, on_error: str, allow_outside: bool = False) -> str:
     """The association test's negatives: the audited pairs labelled members (all of them when unlabelled),
     each image with another of those pairs' texts, each on its line of ``probes``."""
     correct = _correct_probes(read_manifest(probes, on_error, allow_outside=allow_outside)[0], probes)
     return write_pairs(RunFolder(run).manifest_path("shuffled"), correct, texts=shuffled_texts(correct),
                        id_suffix=SHUFFLED, at_source_lines=True)
-
-
-@contextlib.contextmanager
-def _named_after_sources(sources: dict[str, str]):
-    """A bad line found in a manifest the audit derived is reported in the user's manifest it came from
-    (``sources``: derived path → user's path); the derived manifests keep the user's line numbers."""
-    try:
-        yield
-    except ManifestError as exc:
-        if exc.path not in sources:
-            raise
-        raise ManifestError(sources[exc.path], exc.problems) from None
 
 
 def association(run: str, fitted: Fit, scored: ScoredSet) -> dict:
@@ -356,25 +379,14 @@ def _audit(cfg: AuditConfig, config_path: str, progress: bool) -> dict:
     """The audit's steps, under the writer lock."""
     capture = dict(adapter=cfg.adapter, preset=cfg.preset, pattern=cfg.pattern, progress=progress,
                    **{k: v for k, v in cfg.options.items() if k in CAPTURE_OPTIONS})
-    split, with_association = cfg.option("split_reference"), cfg.option("association_test")
-    on_error, allow_outside = cfg.option("on_error"), cfg.option("allow_outside")
-    manifests, sources = dict(cfg.data), {}  # sources: a manifest derived here → the user's it comes from
-    if split:
-        halves = split_members(cfg.data["reference_members"], cfg.run, on_error, allow_outside)
-        manifests["builders"], manifests["reference_members"] = halves
-        sources.update(dict.fromkeys(halves, cfg.data["reference_members"]))
+    reference(cfg.model, cfg.data["reference_members"], cfg.run, cfg.option("split_reference"), **capture)
+    run_extract(cfg.model, cfg.data["reference_nonmembers"], cfg.run, "reference_nonmembers", **capture)
+    run_extract(cfg.model, cfg.data["probes"], cfg.run, "probes", **capture)
+    with_association = cfg.option("association_test")
     if with_association:
-        manifests["shuffled"] = association_manifest(cfg.data["probes"], cfg.run, on_error, allow_outside)
-        sources[manifests["shuffled"]] = cfg.data["probes"]
-
-    def options_for(manifest):  # a derived manifest names images already checked, by absolute paths
-        return dict(capture, allow_outside=True) if manifest in sources else capture
-
-    with _named_after_sources(sources):
-        builders = manifests["builders" if split else "reference_members"]
-        run_reference(cfg.model, builders, cfg.run, **options_for(builders))
-        for name in SETS + (("shuffled",) if with_association else ()):
-            run_extract(cfg.model, manifests[name], cfg.run, name, **options_for(manifests[name]))
+        shuffled = association_manifest(cfg.data["probes"], cfg.run, cfg.option("on_error"), cfg.option("allow_outside"))
+        with _named_after_sources({shuffled: cfg.data["probes"]}):
+            run_extract(cfg.model, shuffled, cfg.run, "shuffled", **dict(capture, allow_outside=True))
     fitted = fit(cfg.run, cfg.option("method"), cfg.option("folds"))
     scored = score(cfg.run, "probes", fitted)
     write_pairs_csv(cfg.run, scored)

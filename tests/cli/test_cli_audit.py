@@ -156,3 +156,45 @@ def test_leave_one_out_protocol_remains_an_option(audit_dir):
         assert main(["audit", str(audit_dir / "audit.toml"), "--no-progress"]) == 0
     split = json.loads((audit_dir / "run" / "results" / "probes" / "metrics.json").read_text())
     assert split["reference"]["members_in_r"] == 0 and split["reference"]["r_builders"] == 6
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_step_by_step_route_gives_the_audits_answer(audit_dir, split, capsys):
+    """reference → extract → report, as the command line's example shows, gives what `gradaudit audit` gives
+    on the same data, with and without the split: the same R, the same stored sets, the same scores and
+    verdict. (Before, the step-by-step route always built R from every member and disagreed.)"""
+    name = "run" if split else "run_loo_steps"
+    config = audit_dir / "audit.toml"
+    if not split:
+        config = audit_dir / "audit_no_split.toml"
+        config.write_text((audit_dir / "audit.toml").read_text().replace('run = "run"', f'run = "{name}"')
+                          + "split_reference = false\n")
+    if not (audit_dir / name / "results" / "probes" / "metrics.json").exists():
+        assert main(["audit", str(config), "--no-progress"]) == 0
+    steps = audit_dir / f"{name}_steps"
+    capture = ["--model", audit_dir / "model", "--run", steps, "--batch-size", 6, "--no-progress",
+               "--prompt-format", "chat-template"]
+    assert main([str(a) for a in ["reference", "--manifest", audit_dir / "ref_members.jsonl", *capture]
+                 + ([] if split else ["--no-split"])]) == 0
+    for set_name, manifest in (("reference_nonmembers", "ref_nonmembers.jsonl"), ("probes", "probes.jsonl")):
+        assert main([str(a) for a in ["extract", "--manifest", audit_dir / manifest, "--set", set_name, *capture]]) == 0
+    assert main(["report", "--run", str(steps), "--set", "probes"]) == 0
+    said = capsys.readouterr().out
+
+    from gradaudit.store.runfolder import RunFolder
+
+    audited, stepped = RunFolder(str(audit_dir / name)), RunFolder(str(steps))
+    for folder in (audited, stepped):
+        assert folder.reference()[1] == (6 if split else 12)
+    for set_name in ("reference_members", "reference_nonmembers", "probes"):
+        (ids_a, stats_a), (ids_s, stats_s) = audited.load_stats(set_name), stepped.load_stats(set_name)
+        assert ids_a == ids_s and all(np.array_equal(stats_a[k], stats_s[k]) for k in stats_a), set_name
+    want = json.loads((audit_dir / name / "results" / "probes" / "metrics.json").read_text())
+    got = json.loads((steps / "results" / "probes" / "metrics.json").read_text())
+    for key in ("method", "cross_validated", "collection_test", "exposure", "evaluation", "reference"):
+        assert got[key] == want[key], key
+    from gradaudit.audit.claims import verdict
+
+    assert verdict(want) in said
+    rows = [list(csv.DictReader(open(folder / "results" / "probes" / "pairs.csv"))) for folder in (audit_dir / name, steps)]
+    assert rows[0] == rows[1]

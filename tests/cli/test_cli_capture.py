@@ -51,7 +51,7 @@ def test_layers_lists_the_selection(saved, capsys):
 def test_reference_extract_resume_and_refusals(saved, capsys):
     run = saved / "run"
     common = ["--model", saved / "model0", "--run", run, "--batch-size", 2, "--no-progress"]
-    assert _run("reference", "--manifest", saved / "members.jsonl", *common) == 0
+    assert _run("reference", "--manifest", saved / "members.jsonl", *common, "--no-split") == 0  # all 3 build R
     assert _run("extract", "--manifest", saved / "audited.jsonl", "--set", "audited", *common) == 0
     folder = RunFolder(str(run))
     ids, stats = folder.load_stats("audited")
@@ -109,7 +109,7 @@ def test_bad_manifest_stops_before_any_work(saved, capsys):
     assert "line 2" in err and "image not found" in err
     assert not os.path.exists(run / "reference.safetensors")
     assert _run("reference", "--manifest", bad, "--model", saved / "model0", "--run", run, "--no-progress",
-                "--on-error", "skip") == 0
+                "--on-error", "skip", "--no-split") == 0
     assert "image not found" in (run / "skipped" / "reference.jsonl").read_text()
 
 
@@ -129,7 +129,7 @@ def test_adapter_is_part_of_the_fingerprint(saved, capsys):
     listed = capsys.readouterr().out
     assert "lora_A" in listed and "lora_B" in listed and "mlp" not in listed
     run = saved / "run_lora"
-    args = ["--manifest", saved / "members.jsonl", "--run", run, "--no-progress"]
+    args = ["--manifest", saved / "members.jsonl", "--run", run, "--no-progress", "--no-split"]
     assert _run("reference", "--model", saved / "model0", "--adapter", saved / "adapter", *args) == 0
     assert _run("reference", "--model", saved / "model0", "--preset", "all-linear", *args) == 2
     assert "the adapter" in capsys.readouterr().err

@@ -69,12 +69,12 @@ def test_layers_refuses_a_pattern_that_does_not_compile(tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["reference", "audit"])
 def test_ctrl_c_prints_one_line_and_exits_130(command, tmp_path, capsys, monkeypatch):
-    from gradaudit import capture, workflow
+    from gradaudit import workflow
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(capture, "run_reference", interrupted)
+    monkeypatch.setattr(workflow, "reference", interrupted)
     monkeypatch.setattr(workflow, "run_audit", interrupted)
     config = tmp_path / "audit.toml"
     config.write_text('model = "m"\nrun = "run"\n[data]\nreference_members = "a.jsonl"\n'
@@ -92,7 +92,7 @@ def test_skipped_lines_are_counted_with_their_record(saved, capsys):
                                            _pair(2), {"id": "y", "image": "img/0.png", "txt": "t"}])
     run = saved / "run_skip_lines"  # not the audit's run_skip below: each its own reference
     common = ["--model", saved / "model", "--run", run, "--no-progress"]
-    assert _run("reference", "--manifest", bad, *common, "--on-error", "skip") == 0
+    assert _run("reference", "--manifest", bad, *common, "--on-error", "skip", "--no-split") == 0
     record = run / "skipped" / "reference.jsonl"
     assert f"skipped 2 bad manifest line(s) of set 'reference'; they are listed in {record}" in capsys.readouterr().err
     assert [json.loads(r)["line"] for r in record.read_text().splitlines()] == [3, 5]
@@ -104,7 +104,8 @@ def test_skipped_lines_are_counted_with_their_record(saved, capsys):
 def test_images_outside_the_folder_need_the_flag(saved, tmp_path, capsys):
     elsewhere = _manifest(tmp_path / "elsewhere.jsonl", [dict(_pair(i), image=str(saved / "img" / f"{i}.png"))
                                                          for i in range(3)])
-    args = ["reference", "--manifest", elsewhere, "--model", saved / "model", "--run", tmp_path / "run", "--no-progress"]
+    args = ["reference", "--manifest", elsewhere, "--model", saved / "model", "--run", tmp_path / "run", "--no-progress",
+            "--no-split"]
     assert _run(*args) == 2
     err = capsys.readouterr().err
     assert "line 1 (id 'p0'): image" in err and "is outside the manifest's folder" in err
