@@ -111,8 +111,9 @@ def main(argv=None) -> int:
     for command, text in (("fit", "cross-validate every variant on the reference sets and choose one (stored)"),
                           ("score", "score a set: scores, probabilities, exposure, collection test (pairs.csv)"),
                           ("evaluate", "score a labelled set and measure every score on its labels (pairs.csv, metrics.json)"),
-                          ("report", "score (and evaluate, if labelled) a set and write report.html, metrics.json "
-                                     "and pairs.csv")):
+                          ("report", "audit a set as a collection against the known non-members, score (and "
+                                     "evaluate, if labelled) it per pair, and write report.html, metrics.json and "
+                                     "pairs.csv")):
         p = sub.add_parser(command, help=text, epilog=steps, formatter_class=fmt)
         p.add_argument("--run", required=True, help="run folder")
         p.add_argument("--method", default="auto", help="auto (default) or a variant: paper, loo, signed, "
@@ -149,8 +150,8 @@ def main(argv=None) -> int:
             folder = RunFolder(result["run"])
             _report_skipped(result["run"], before)
             print(verdict(result))
-            print(f"report: {folder.report_path('probes')}  pairs: {folder.pairs_csv_path('probes')}  "
-                  f"metrics: {folder.metrics_path('probes')}")
+            pairs = f"  pairs: {folder.pairs_csv_path('probes')}" if "cross_validated" in result else ""
+            print(f"report: {folder.report_path('probes')}{pairs}  metrics: {folder.metrics_path('probes')}")
             return 0
         kw = dict(adapter=args.adapter, preset=args.preset, pattern=args.pattern, batch_size=args.batch_size,
                   on_error=args.on_error, dtype=args.dtype, device=args.device, mode=args.mode,
@@ -272,8 +273,16 @@ def _analysis_step(args, workflow) -> int:
     from gradaudit.audit.claims import verdict
     from gradaudit.store import RunFolder
 
-    fitted = workflow.fit(args.run, args.method, args.folds)
     folder = RunFolder(args.run)
+    collection = None
+    if args.command in ("evaluate", "report") and args.name not in ("reference_members", "reference_nonmembers"):
+        collection = workflow.collection(args.run, args.name)  # the set as a collection, against the known non-members
+        if not folder.has_set("reference_members"):  # no known members: the collection audit alone
+            result = workflow.write_outputs(args.run, None, None, collection=collection)
+            print(verdict(result))
+            print(f"metrics: {folder.metrics_path(args.name)}  report: {folder.report_path(args.name)}")
+            return 0
+    fitted = workflow.fit(args.run, args.method, args.folds)
     if args.command == "fit":
         for name, e in sorted(fitted.estimates.items(), key=lambda kv: -kv[1].auroc):
             print(f"{name:14s} cross-validated AUROC {e.auroc:.3f}")
@@ -285,7 +294,7 @@ def _analysis_step(args, workflow) -> int:
         print(f"scores of set '{args.name}': {pairs}")
         return 0
     evaluation = per_pair.evaluate(scored) if args.command == "evaluate" or scored.labelled else None
-    result = workflow.write_outputs(args.run, fitted, scored, evaluation)
+    result = workflow.write_outputs(args.run, fitted, scored, evaluation, collection=collection)
     print(verdict(result))
     print(f"metrics: {folder.metrics_path(args.name)}  report: {folder.report_path(args.name)}  pairs: {pairs}")
     return 0

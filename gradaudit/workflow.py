@@ -48,6 +48,7 @@ import numpy as np
 
 from gradaudit.audit import per_pair
 from gradaudit.audit.baselines import all_baselines
+from gradaudit.audit.collection import CollectionAudit, audit_collection, blind_features, model_features, split
 from gradaudit.audit.method import SliceSet
 from gradaudit.audit.per_pair import Evaluation, Fit, ScoredSet
 from gradaudit.audit.variants import VARIANTS
@@ -56,10 +57,11 @@ from gradaudit.errors import ConfigError, ManifestError, ManifestsError, OptionE
 from gradaudit.report import render
 from gradaudit.store.cells import spreadsheet_safe
 from gradaudit.store.integrity import refuse_id_collisions
-from gradaudit.store.manifest import Pair, problems_as_records, read_manifest, shuffled_texts, write_pairs
+from gradaudit.store.manifest import IMAGE_STATS, Pair, problems_as_records, read_manifest, shuffled_texts, write_pairs
 from gradaudit.store.runfolder import RunFolder
 
 SETS = ("reference_members", "reference_nonmembers", "probes")
+REQUIRED_SETS = ("reference_nonmembers", "probes")  # without known members: the collection audit alone
 SHUFFLED = "~shuffled"  # id suffix of the association test's negatives
 
 
@@ -96,7 +98,7 @@ class AuditConfig:
             if not isinstance(raw.get(table, {}), dict):
                 raise ConfigError(f"{path}: {table} must be a table ([{table}]); got {raw[table]!r}")
         data, options = raw.get("data", {}), raw.get("options", {})
-        missing = [k for k in ("model", "run", "data") if k not in raw] + [f"data.{k}" for k in SETS if k not in data]
+        missing = [k for k in ("model", "run", "data") if k not in raw] + [f"data.{k}" for k in REQUIRED_SETS if k not in data]
         if missing:
             raise ConfigError(f"{path}: missing {', '.join(missing)}")
         for where, given, known in (("", raw, KEYS), ("[data] ", data, SETS),
@@ -114,7 +116,7 @@ class AuditConfig:
             return p if p is None or os.path.isabs(p) else os.path.normpath(os.path.join(root, p))
 
         return cls(model=resolve(raw["model"]), run=resolve(raw["run"]), adapter=resolve(raw.get("adapter")),
-                   data={k: resolve(data[k]) for k in SETS}, preset=raw.get("preset", "paper"),
+                   data={k: resolve(data[k]) for k in SETS if k in data}, preset=raw.get("preset", "paper"),
                    pattern=raw.get("pattern"), options=dict(options))
 
     def option(self, key: str):
@@ -127,7 +129,7 @@ class AuditConfig:
         (under on_error "stop") raise :class:`ManifestError` naming the user's own files and lines, all
         of them at once; a split or an association test its manifest cannot feed raises ConfigError."""
         read, errors = {}, []
-        for name in SETS:
+        for name in self.data:
             try:
                 read[name] = read_manifest(self.data[name], self.option("on_error"),
                                            allow_outside=self.option("allow_outside"))[0]
@@ -135,9 +137,14 @@ class AuditConfig:
                 errors.append(exc)
         if errors:
             raise errors[0] if len(errors) == 1 else ManifestsError(errors)
-        if self.option("split_reference"):
+        if self.option("split_reference") and "reference_members" in read:
             _halves(read["reference_members"], self.data["reference_members"])
+        if "reference_members" not in read:
+            _halves(read["probes"], self.data["probes"])  # R from half the collection
         if self.option("association_test"):
+            if "reference_members" not in read:
+                raise ConfigError("association_test needs known members ([data] reference_members): it scores pairs "
+                                  "with the per-pair method, which is fitted on them")
             _correct_probes(read["probes"], self.data["probes"])
 
 
@@ -166,11 +173,12 @@ def _check_options(path: str, raw: dict, options: dict) -> None:
 @dataclass
 class AuditSet:
     """A stored statistics set as the audit reads it: ids, the slice statistics with every baseline's
-    score as ``pairs.extra``, labels (None where the manifest had none)."""
+    score as ``pairs.extra``, labels (None where the manifest had none), texts."""
 
     ids: list[str]
     pairs: SliceSet
     labels: list
+    texts: list[str]
 
 
 def load_set(run: str | RunFolder, name: str) -> AuditSet:
@@ -180,7 +188,7 @@ def load_set(run: str | RunFolder, name: str) -> AuditSet:
     pairs = SliceSet(stored.weights, **stored.stats, ref_row_sq=stored.ref_row_sq, ref_col_sq=stored.ref_col_sq,
                      n_ref=stored.n_ref, in_ref=stored.in_ref)
     pairs.extra = all_baselines(stored.tokens, stored.token_offsets, stored.texts, pairs)
-    return AuditSet(stored.ids, pairs, stored.labels)
+    return AuditSet(stored.ids, pairs, stored.labels, stored.texts)
 
 
 def fit_sets(run: str, members_set: str = "reference_members", nonmembers_set: str = "reference_nonmembers",
@@ -256,6 +264,41 @@ def context(run: str) -> dict:
             "selection": len(recorded["targets"]), "run": run}
 
 
+def collection(run: str, name: str = "probes", seed: int = 0) -> tuple[CollectionAudit, dict]:
+    """Was set ``name`` (the collection S) used to train the model? The collection audit
+    (``audit.collection``) against the known non-members (set reference_nonmembers, V), with the known
+    members (set reference_members, M) where the run has them. Pairs of S that are also reference pairs
+    are left out of S's test (a pair the aggregator was fitted on must not be tested). Returns the audit
+    and what the report says of its inputs."""
+    folder = RunFolder(run)
+    sets = ["reference_nonmembers"] + (["reference_members"] if folder.has_set("reference_members") else [])
+    s, v, m = load_set(folder, name), load_set(folder, "reference_nonmembers"), None
+    reference_ids = set(v.ids)
+    if len(sets) == 2:
+        m = load_set(folder, "reference_members")
+        reference_ids |= set(m.ids)
+    keep = np.array([pid not in reference_ids for pid in s.ids])
+    images = {k: folder.image_stats(k) for k in (name, *sets)}
+    with_images = all(a is not None for a in images.values())
+
+    def features(audited: AuditSet, set_name: str, rows=slice(None)):
+        index = np.arange(len(audited.ids))[rows]
+        blind = blind_features([audited.texts[i] for i in index],
+                               images[set_name][index] if with_images else None, IMAGE_STATS)
+        return model_features(audited.pairs.subset(index)), blind
+
+    (s_model, s_blind), (v_model, v_blind) = features(s, name, keep), features(v, "reference_nonmembers")
+    s_ids = [pid for pid, k in zip(s.ids, keep) if k]
+    m_model = features(m, "reference_members")[0] if m is not None else None
+    result = audit_collection(s_model, v_model, s_blind, v_blind, s_ids, v.ids, m_model,
+                              m.ids if m is not None else None, seed)
+    about = {"set": name, "pairs": len(s.ids), "tested_pairs_left_out_as_reference_pairs": int((~keep).sum()),
+             "nonmembers": len(v.ids), "known_members": len(m.ids) if m is not None else 0,
+             "blind_features": "text and image statistics" if with_images else "text statistics only (the run "
+                               "folder holds no image statistics: captured before they were stored)", "seed": seed}
+    return result, about
+
+
 def write_pairs_csv(run: str, scored: ScoredSet) -> str:
     """pairs.csv of a scored set: score, probability, verdict, the paper's score and every baseline. An id
     that a spreadsheet would run as a formula is written as text (``store.cells``)."""
@@ -269,16 +312,21 @@ def write_pairs_csv(run: str, scored: ScoredSet) -> str:
                                                         *names, "label"], rows)
 
 
-def write_outputs(run: str, fitted: Fit, scored: ScoredSet, evaluation: Evaluation | None = None,
-                  **extra) -> dict:
-    """metrics.json and report.html of a scored (and possibly evaluated) set; ``extra`` joins the
-    metrics (e.g. the association test). Returns the metrics."""
+def write_outputs(run: str, fitted: Fit | None, scored: ScoredSet | None, evaluation: Evaluation | None = None,
+                  collection: tuple[CollectionAudit, dict] | None = None, **extra) -> dict:
+    """metrics.json and report.html of a set: the collection audit (``collection()``) first, then the
+    per-pair audit where there is a fit; ``extra`` joins the metrics (e.g. the association test).
+    Returns the metrics."""
     folder = RunFolder(run)
-    result = per_pair.result(fitted, scored, evaluation, **context(run))
+    name = scored.name if scored is not None else collection[1]["set"]
+    result = per_pair.result(fitted, scored, evaluation, **context(run)) if fitted is not None else \
+        dict(context(run), set=name)
+    if collection is not None:
+        result["collection"] = dict(collection[0].summary(), **collection[1])
     result.update(extra)
-    folder.write_metrics(scored.name, result)
-    folder.write_report(scored.name, render(result, fitted, scored, evaluation,
-                                            lambda figure: folder.figure_path(scored.name, figure)))
+    folder.write_metrics(name, result)
+    folder.write_report(name, render(result, fitted, scored, evaluation, collection[0] if collection else None,
+                                     lambda figure: folder.figure_path(name, figure)))
     return result
 
 
@@ -346,6 +394,23 @@ def reference(model: str, manifest: str, run: str, split: bool = True, **capture
     return folder
 
 
+def collection_reference(model: str, manifest: str, run: str, seed: int = 0, **capture) -> RunFolder:
+    """Without known members, R is the mean gradient of the half of the collection that fits the collection
+    audit's aggregator (``audit.collection.split``, the same halves): its pairs are scored leave-one-out,
+    the tested half is never in R."""
+    Options.of(**capture)
+    folder = RunFolder(run)
+    with folder.writing("reference"):
+        pairs, _ = read_manifest(manifest, capture.get("on_error", "stop"), allow_outside=capture.get("allow_outside", False))
+        _halves(pairs, manifest)
+        fit = split([p.id for p in pairs], seed=seed)
+        builders = write_pairs(folder.manifest_path("collection_builders"), [p for p, f in zip(pairs, fit) if f],
+                               at_source_lines=True)
+        with _named_after_sources({builders: manifest}):
+            run_reference(model, builders, run, **dict(capture, allow_outside=True))
+    return folder
+
+
 def association_manifest(probes: str, run: str, on_error: str, allow_outside: bool = False) -> str:
     """The association test's negatives: the audited pairs labelled members (all of them when unlabelled),
     each image with another of those pairs' texts, each on its line of ``probes``."""
@@ -376,10 +441,15 @@ def run_audit(config_path: str, progress: bool = True) -> dict:
 
 
 def _audit(cfg: AuditConfig, config_path: str, progress: bool) -> dict:
-    """The audit's steps, under the writer lock."""
+    """The audit's steps, under the writer lock: capture, the collection audit, then (with known members)
+    the per-pair audit."""
     capture = dict(adapter=cfg.adapter, preset=cfg.preset, pattern=cfg.pattern, progress=progress,
                    **{k: v for k, v in cfg.options.items() if k in CAPTURE_OPTIONS})
-    reference(cfg.model, cfg.data["reference_members"], cfg.run, cfg.option("split_reference"), **capture)
+    with_members = "reference_members" in cfg.data
+    if with_members:
+        reference(cfg.model, cfg.data["reference_members"], cfg.run, cfg.option("split_reference"), **capture)
+    else:
+        collection_reference(cfg.model, cfg.data["probes"], cfg.run, **capture)
     run_extract(cfg.model, cfg.data["reference_nonmembers"], cfg.run, "reference_nonmembers", **capture)
     run_extract(cfg.model, cfg.data["probes"], cfg.run, "probes", **capture)
     with_association = cfg.option("association_test")
@@ -387,9 +457,13 @@ def _audit(cfg: AuditConfig, config_path: str, progress: bool) -> dict:
         shuffled = association_manifest(cfg.data["probes"], cfg.run, cfg.option("on_error"), cfg.option("allow_outside"))
         with _named_after_sources({shuffled: cfg.data["probes"]}):
             run_extract(cfg.model, shuffled, cfg.run, "shuffled", **dict(capture, allow_outside=True))
+    audited = collection(cfg.run, "probes")
+    if not with_members:
+        return write_outputs(cfg.run, None, None, collection=audited, config=os.path.abspath(config_path))
     fitted = fit(cfg.run, cfg.option("method"), cfg.option("folds"))
     scored = score(cfg.run, "probes", fitted)
     write_pairs_csv(cfg.run, scored)
     evaluation = per_pair.evaluate(scored) if scored.labelled else None
     extra = {"association": association(cfg.run, fitted, scored)} if with_association else {}
-    return write_outputs(cfg.run, fitted, scored, evaluation, **extra, config=os.path.abspath(config_path))
+    return write_outputs(cfg.run, fitted, scored, evaluation, collection=audited, **extra,
+                         config=os.path.abspath(config_path))

@@ -24,9 +24,37 @@ def signal_established(result: dict) -> bool:
     return result["cross_validated"][result["method"]]["auroc_ci"][0] > 0.5
 
 
-def verdict(result: dict) -> str:
-    """The one-sentence answer, worded so that a weak signal reads as weak."""
-    test, exposure = result["collection_test"], result["exposure"]
+def collection_verdict(c: dict) -> str:
+    """The collection's answer (``metrics.json``'s "collection"): the blind guard first, since a
+    collection that differs from the known non-members without the model says nothing about training."""
+    t, g = c["test"], c["blind_guard"]
+    held_out = (f"{t['n_test']['collection']} pairs of the collection against {t['n_test']['nonmembers']} known "
+                "non-members, none used in any fit")
+    if g["fired"]:
+        return (f"No conclusion about training: this collection differs from the known non-members without the model "
+                f"(blind guard p = {g['p_value']:.2g}, AUROC {g['auroc']:.2f} from {c['blind_features']}), so they are "
+                "not drawn from one distribution, and whatever the model shows may be that difference; give known "
+                "non-members drawn like the collection")
+    auc, (low, high) = t["auroc"], t["auroc_ci"]
+    per_pair = f"held-out AUROC {auc:.2f} (95% CI {low:.2f}–{high:.2f}; 0.5 = none)"
+    if t["p_value"] >= c["alpha"]:
+        return (f"No evidence that this collection was used to train the model (p = {t['p_value']:.2g}; {per_pair}; "
+                f"{held_out}). This does not show that it was not used: a larger collection, or known members, "
+                "may find what this test could not")
+    share = t["share"]
+    if share["kind"] == "estimate":
+        used = (f"estimated share used {100 * share['estimate']:.0f}% (95% CI {100 * share['ci'][0]:.0f}–"
+                f"{100 * share['ci'][1]:.0f}%, {share['note']})")
+    else:
+        used = f"at least {100 * share['ci'][0]:.0f}% of it used (95%, one-sided)"
+    weak = " Each pair's signal is weak; it adds up over the collection." if auc < 0.65 else ""
+    return (f"Evidence that this collection was used to train the model (p = {t['p_value']:.2g}; {per_pair}; "
+            f"{held_out}); {used}.{weak}").rstrip(".")  # verdict() ends the sentence
+
+
+def per_pair_verdict(result: dict) -> str:
+    """The per-pair audit's answer, worded so that a weak signal reads as weak."""
+    exposure = result["exposure"]
     chosen = result["cross_validated"][result["method"]]
     cv, (low, high) = chosen["auroc"], chosen["auroc_ci"]
     n_ref = result["reference"]["members"] + result["reference"]["nonmembers"]
@@ -34,17 +62,19 @@ def verdict(result: dict) -> str:
                **{f"baseline '{k}'": v for k, v in result["cross_validated_baselines"].items()}}
     best = max(signals, key=signals.get)
     share = f"{100 * exposure['estimate']:.0f}% (95% CI {100 * exposure['ci'][0]:.0f}–{100 * exposure['ci'][1]:.0f}%)"
-    if not signal_established(result):
-        lead = ("No conclusion about this collection: the chosen method does not separate known members from "
-                "non-members better than chance on this model, so neither the collection test "
-                f"(p = {test['p_value']:.2g}) nor the estimated share of training pairs ({share}) can be trusted")
-    elif test["p_value"] < 0.05:
-        lead = (f"Evidence that this collection contains training pairs (one-sided test p = {test['p_value']:.2g}); "
-                f"estimated share of training pairs {share}")
-    else:
-        lead = (f"No evidence that this collection contains training pairs (one-sided test p = "
-                f"{test['p_value']:.2g}); estimated share of training pairs {share}")
-    return (f"{lead}. "
-            f"The signal on this model is {strength(low)}: the chosen method separates known members from "
+    text = (f"Per pair, the signal on this model is {strength(low)}: the chosen method separates known members from "
             f"non-members with AUROC {cv:.2f} (95% CI {low:.2f}–{high:.2f}, {n_ref} reference pairs; 0.5 = chance); "
-            f"the strongest signal was the {best} ({signals[best]:.2f}).")
+            f"the strongest signal was the {best} ({signals[best]:.2f})")
+    if signal_established(result) and strength(low) != "not distinguishable from chance":
+        return f"{text}; estimated share of training pairs among the audited pairs {share}."
+    return f"{text}; no per-pair probability or share is claimed."
+
+
+def verdict(result: dict) -> str:
+    """The answer in a few sentences: the collection first, the per-pair audit below it."""
+    parts = []
+    if "collection" in result:
+        parts.append(collection_verdict(result["collection"]) + ".")
+    if "cross_validated" in result:
+        parts.append(per_pair_verdict(result))
+    return " ".join(parts)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 
@@ -21,3 +23,11 @@ def stratified_folds(n_members: int, n_nonmembers: int, folds: int, seed: int) -
         rng.shuffle(f)
         out.append(f)
     return np.concatenate(out)
+
+
+def fold_of_ids(ids: list[str], folds: int) -> np.ndarray:
+    """A fold for each audited pair, from a hash of its id: scored by that fold's model alone, an audited
+    pair is scored by the same kind of function as a reference pair's out-of-fold score (one fold model,
+    which never saw it), so calibration fitted on out-of-fold scores applies to it as it is."""
+    return np.array([int.from_bytes(hashlib.sha256(pid.encode("utf-8")).digest()[:8], "big") % folds for pid in ids],
+                    dtype=np.int64)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gradaudit.audit import metrics
-from gradaudit.audit.calibration import Calibrator, collection_test
+from gradaudit.audit.calibration import Calibrator
+from gradaudit.audit.folds import fold_of_ids
 from gradaudit.audit.method import GradAudit, SliceSet
 from gradaudit.audit.protocol import Estimate, choose, cross_validate
 from gradaudit.audit.variants import VARIANTS, export_model, restore_model
@@ -91,11 +92,13 @@ class Fit:
     def score(self, pairs: SliceSet, ids: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Every score of ``pairs`` on the footing of the out-of-fold scores — "gradaudit" (the chosen
         variant), "paper" and each baseline — and each pair's index among the reference pairs (or -1:
-        a pair that is itself a reference pair gets its out-of-fold score)."""
+        a pair that is itself a reference pair gets its out-of-fold score; any other the score of the
+        one fold model its id falls to)."""
         position = {pid: i for i, pid in enumerate(self.reference_ids)}
         reference_position = np.array([position.get(pid, -1) for pid in ids])
-        scores = {"gradaudit": self.chosen.score_probes(pairs, reference_position),
-                  "paper": self.estimates["paper"].score_probes(pairs, reference_position), **pairs.extra}
+        fold_of = fold_of_ids(ids, self.folds)
+        scores = {"gradaudit": self.chosen.score_probes(pairs, reference_position, fold_of),
+                  "paper": self.estimates["paper"].score_probes(pairs, reference_position, fold_of), **pairs.extra}
         return scores, reference_position
 
 
@@ -118,8 +121,8 @@ def fit_reference(members: SliceSet, nonmembers: SliceSet, member_ids: list[str]
 @dataclass
 class ScoredSet:
     """An audited set scored against a fit: ``scores`` ("gradaudit", "paper", each baseline; (n,) each),
-    P(member) at the set's own estimated prior, the exposure estimate with its interval, and the
-    per-pair method's collection test."""
+    P(member) at the set's own estimated prior, and the exposure estimate with its interval. (Whether the
+    set was used is the collection audit's answer, ``audit.collection``.)"""
 
     name: str
     ids: list[str]
@@ -129,7 +132,6 @@ class ScoredSet:
     calibrator: Calibrator
     probability: np.ndarray
     exposure: tuple[float, float, float]
-    collection_test: dict
 
     @property
     def baselines(self) -> dict[str, np.ndarray]:
@@ -142,14 +144,13 @@ class ScoredSet:
 
 
 def score_set(fit: Fit, name: str, pairs: SliceSet, ids: list[str], labels: list) -> ScoredSet:
-    """Scores, calibrated probabilities at the set's own prior, exposure and the collection test of a set."""
+    """Scores, calibrated probabilities at the set's own prior and the exposure estimate of a set."""
     scores, reference_position = fit.score(pairs, ids)
     oof, n_m = fit.chosen.scores, fit.n_members
     calibrator = Calibrator().fit(oof[:n_m], oof[n_m:])
     prior, low, high = calibrator.exposure(scores["gradaudit"], reference=(oof[:n_m], oof[n_m:]))
     return ScoredSet(name, list(ids), list(labels), reference_position, scores, calibrator,
-                     calibrator.predict_proba(scores["gradaudit"], prior), (prior, low, high),
-                     collection_test(scores["gradaudit"], oof[n_m:], oof[:n_m]))
+                     calibrator.predict_proba(scores["gradaudit"], prior), (prior, low, high))
 
 
 def expected_calibration_error(probability, y, bins: int = 10) -> float:
@@ -203,11 +204,11 @@ def association(scored: ScoredSet, shuffled_scores: dict[str, np.ndarray], corre
 
 def result(fit: Fit, scored: ScoredSet, evaluation: Evaluation | None = None, **context) -> dict:
     """What ``metrics.json`` holds: ``context`` first (the model, the selection, the run folder), then the
-    fit, the set, its exposure and collection test, and the evaluation where there is one."""
+    fit, the set, its exposure, and the evaluation where there is one."""
     prior, low, high = scored.exposure
     out = dict(context, **fit.summary(), set=scored.name, probes=len(scored.ids),
                probes_in_reference=int((scored.reference_position >= 0).sum()),
-               exposure={"estimate": prior, "ci": [low, high]}, collection_test=scored.collection_test)
+               exposure={"estimate": prior, "ci": [low, high]})
     if evaluation is not None:
         out["evaluation"] = evaluation.metrics
         out["true_member_share"] = evaluation.true_member_share

@@ -32,17 +32,20 @@ class Estimate:
     models: list
     fold: np.ndarray
 
-    def score_probes(self, probes: SliceSet, reference_position: np.ndarray) -> np.ndarray:
-        """Scores of audited pairs on the same footing as the out-of-fold scores (which calibration
-        reads): a probe that is itself reference pair i gets its out-of-fold score; any other gets the mean
-        of the fold models' scores, none of which saw it. ``reference_position[j]`` is probe j's index
-        among the reference pairs (members first), or -1."""
+    def score_probes(self, probes: SliceSet, reference_position: np.ndarray, fold_of: np.ndarray | None = None) -> np.ndarray:
+        """Scores of audited pairs: a probe that is itself reference pair i gets its out-of-fold score. Any
+        other gets, with ``fold_of`` (each probe's fold, ``folds.fold_of_ids``), the score of that fold's
+        model: one fold model that never saw it, the same footing as the out-of-fold scores that
+        calibration reads. Without ``fold_of``, the mean of the fold models' scores (a steadier ranking,
+        for evaluations that calibrate nothing). ``reference_position[j]`` is probe j's index among the
+        reference pairs (members first), or -1."""
         fresh = reference_position < 0
         out = np.empty(probes.num_pairs)
         out[~fresh] = self.scores[reference_position[~fresh]]
         if fresh.any():
             subset = probes if fresh.all() else probes.subset(fresh)  # the same object keeps its features
-            out[fresh] = self.fold_scores(subset).mean(axis=0)
+            each = self.fold_scores(subset)
+            out[fresh] = each.mean(axis=0) if fold_of is None else each[fold_of[fresh], np.arange(each.shape[1])]
         return out
 
     def fold_scores(self, pairs: SliceSet) -> np.ndarray:

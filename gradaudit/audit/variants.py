@@ -79,7 +79,7 @@ class Head(BaseEstimator):
     def fit(self, members: SliceSet, nonmembers: SliceSet) -> Head:
         x = np.concatenate([head_features(members, self.features), head_features(nonmembers, self.features)])
         y = np.r_[np.ones(members.num_pairs), np.zeros(nonmembers.num_pairs)]
-        self.scorer_ = LinearScorer.of(_logistic(self.seed, min(members.num_pairs, nonmembers.num_pairs)).fit(x, y))
+        self.scorer_ = LinearScorer.of(logistic(self.seed, min(members.num_pairs, nonmembers.num_pairs)).fit(x, y))
         return self
 
     def score_samples(self, pairs: SliceSet) -> np.ndarray:
@@ -107,7 +107,7 @@ class RowSpace(TransformerMixin, BaseEstimator):
         return np.asarray(x, dtype=np.float64) @ self.components_
 
 
-def _logistic(seed: int, n_min: int):
+def logistic(seed: int, n_min: int):
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -141,7 +141,7 @@ class Combined(BaseEstimator):
             inner[:n_m][~tm] = head.score_samples(members.subset(~tm))
             inner[n_m:][~tn] = head.score_samples(nonmembers.subset(~tn))
         x = np.concatenate([self._stack(inner[:n_m], members), self._stack(inner[n_m:], nonmembers)])
-        self.combiner_ = LinearScorer.of(_logistic(self.seed, min(n_m, n_n)).fit(x, np.r_[np.ones(n_m), np.zeros(n_n)]))
+        self.combiner_ = LinearScorer.of(logistic(self.seed, min(n_m, n_n)).fit(x, np.r_[np.ones(n_m), np.zeros(n_n)]))
         self.head_ = Head(self.features, self.seed).fit(members, nonmembers)
         return self
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from gradaudit.audit import metrics
 from gradaudit.audit.claims import verdict
+from gradaudit.audit.collection import CollectionAudit
 from gradaudit.audit.per_pair import Evaluation, Fit, ScoredSet
 
 
@@ -33,10 +34,76 @@ def _figure(draw, path: str) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def render(result: dict, fit: Fit, scored: ScoredSet, evaluation: Evaluation | None,
-           figure_path: Callable[[str], str]) -> str:
-    """The report page of a scored (and possibly evaluated) set; ``result`` is what metrics.json holds.
-    Each figure is also saved as a PNG at ``figure_path(name)``. Returns the page."""
+def _collection_section(result: dict, audit: CollectionAudit, figure_path: Callable[[str], str]) -> str:
+    """The collection's answer: the test, the blind guard, what carried the signal, the held-out scores."""
+    c, t, g = result["collection"], audit.test, audit.guard
+
+    def held_out(plt):
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        values = np.concatenate(list(t.scores.values()))
+        bins = np.histogram_bin_edges(values, bins=30)
+        for name, label in (("nonmembers", "known non-members (held out)"), ("collection", "the collection (held out)"),
+                            ("members", "known members (held out)")):
+            if name in t.scores:
+                ax.hist(t.scores[name], bins=bins, density=True, alpha=0.45 if name != "collection" else 1.0,
+                        histtype="stepfilled" if name != "collection" else "step", lw=2, label=label)
+        ax.set_xlabel("aggregator score (fitted on other pairs); higher = more like a training pair")
+        ax.legend(fontsize=8)
+        return fig
+
+    image = _figure(held_out, figure_path("collection"))
+    rows = "".join(
+        f"<tr><td>{html.escape(f['feature'])}</td><td>{f['weight']:+.3f}</td><td>{f['held_out_auroc']:.3f}</td></tr>"
+        for f in t.features)
+
+    def line(name, x):
+        return (f"<tr><td>{name}</td><td>{x.p_value:.3g}</td><td>{x.auroc:.3f} [{x.auroc_ci[0]:.3f}, "
+                f"{x.auroc_ci[1]:.3f}]</td><td>{x.n_test['collection']} / {x.n_test['nonmembers']}</td></tr>")
+
+    n_left = c["tested_pairs_left_out_as_reference_pairs"]
+    left_out = f", {n_left} of them left out as reference pairs" if n_left else ""
+    fit_sizes = ", ".join(f"{v} {k.replace('nonmembers', 'known non-members').replace('members', 'known members')}"
+                          for k, v in t.n_fit.items())
+    return f"""<h2>Was this collection used?</h2>
+<p>The collection (set “{html.escape(c['set'])}”, {c['pairs']} pairs{left_out}) against
+{c['nonmembers']} known non-members, which you vouch are drawn like the collection's unused pairs: the
+comparison means something only if they are. An aggregator over every per-pair feature (the logit baselines,
+per-layer gradient norms and cosines with R) was fitted on {fit_sizes} ({html.escape(t.design)}), then scored
+pairs it never saw; a one-sided Mann–Whitney test asks whether the collection's scores exceed the
+non-members'. The blind guard runs the same test on {html.escape(c['blind_features'])}, which never touch the
+model: if it separates them, they differ by distribution and no conclusion about training is drawn.</p>
+<table><tr><th>test</th><th>p-value</th><th>held-out AUROC [95% CI]</th><th>tested: collection / non-members</th></tr>
+{line("the model's features", t)}{line("blind guard (no model)", g)}</table>
+<h3>Features that carried the aggregator</h3><table><tr><th>feature</th><th>weight (standardised)</th>
+<th>held-out AUROC alone</th></tr>{rows}</table>
+<h3>Held-out aggregator scores</h3><img src='data:image/png;base64,{image}'>"""
+
+
+def render(result: dict, fit: Fit | None, scored: ScoredSet | None, evaluation: Evaluation | None,
+           collection: CollectionAudit | None, figure_path: Callable[[str], str]) -> str:
+    """The report page of a set: the collection's answer first (``collection``), then the per-pair audit
+    where there is a fit; ``result`` is what metrics.json holds. Each figure is also saved as a PNG at
+    ``figure_path(name)``. Returns the page."""
+    top = _collection_section(result, collection, figure_path) if collection is not None else ""
+    body = _per_pair_section(result, fit, scored, evaluation, figure_path) if fit is not None else \
+        "<h2>Per pair</h2><p>No known members were given, so no per-pair method was fitted.</p>"
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>GradAudit report</title><style>
+body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}}
+.verdict{{font-size:1.25em;background:#f3f6fa;border-left:6px solid #3b6ea5;padding:1em}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px}}tr.b td{{color:#666}}img{{max-width:100%}}
+</style></head><body><h1>GradAudit report</h1>
+<p class="verdict">{html.escape(verdict(result))}</p>
+<p>Model: the {html.escape(str(result['model']['model_type']))} model {html.escape(str(result['model']['model']))}
+{'with adapter ' + html.escape(str(result['model']['adapter'])) + ' ' if result['model']['adapter'] else ''}({result['selection']}
+weight matrices), each pair in the prompt format <code>{html.escape(repr(result['model'].get('prompt_format')))}</code>.
+Run folder: {html.escape(str(result['run']))}.</p>
+{top}{body}</body></html>"""
+
+
+def _per_pair_section(result: dict, fit: Fit, scored: ScoredSet, evaluation: Evaluation | None,
+                      figure_path: Callable[[str], str]) -> str:
+    """The per-pair audit: the cross-validated comparison, the calibrated scores, the paper's mask, and
+    the evaluation on the set's labels where it has them."""
     figures = []
     oof, n_m = fit.chosen.scores, fit.n_members
     probe_scores = scored.scores["gradaudit"]
@@ -149,22 +216,12 @@ def render(result: dict, fit: Fit, scored: ScoredSet, evaluation: Evaluation | N
                        "image; it says nothing about membership, since both sides hold the same images and texts.</p>"
                        f"<table><tr><th>score</th><th>AUROC [95% CI]</th></tr>{lines}</table>")
     images = "".join(f"<h3>{html.escape(t)}</h3><img src='data:image/png;base64,{b}'>" for t, b in figures)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>GradAudit report</title><style>
-body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}}
-.verdict{{font-size:1.25em;background:#f3f6fa;border-left:6px solid #3b6ea5;padding:1em}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px}}tr.b td{{color:#666}}img{{max-width:100%}}
-</style></head><body><h1>GradAudit report</h1>
-<p class="verdict">{html.escape(verdict(result))}</p>
-<p>Audited: {result['probes']} image–text pairs (set “{html.escape(result['set'])}”) against the gradients of the
-{html.escape(str(result['model']['model_type']))} model {html.escape(str(result['model']['model']))}
-{'with adapter ' + html.escape(str(result['model']['adapter'])) + ' ' if result['model']['adapter'] else ''}({result['selection']}
-weight matrices), each pair in the prompt format
-<code>{html.escape(repr(result['model'].get('prompt_format')))}</code>, with {result['reference']['members']} known training pairs
-({'scored leave-one-out against the R they built' if result['reference']['members_in_r'] else
+    return f"""<h2>Per pair</h2>
+<p>{result['probes']} image–text pairs (set “{html.escape(result['set'])}”) scored with {result['reference']['members']}
+known training pairs ({'scored leave-one-out against the R they built' if result['reference']['members_in_r'] else
   'beside the ' + str(result['reference']['r_builders']) + ' whose gradients form the reference R'}) and
 {result['reference']['nonmembers']} known non-training pairs as reference. Method:
 <b>{html.escape(result['method'])}</b> (chosen by {result['reference']['folds']}-fold cross-validation on the
-reference pairs only). Run folder: {html.escape(str(result['run']))}.</p>
-<h2>How well each signal separates known members (cross-validated)</h2><table><tr><th>signal</th><th>AUROC [95% CI]</th></tr>{rows}</table>
-{evaluation_html}{images}</body></html>"""
-    return page
+reference pairs only).</p>
+<h3>How well each signal separates known members (cross-validated)</h3><table><tr><th>signal</th><th>AUROC [95% CI]</th></tr>{rows}</table>
+{evaluation_html}{images}"""

@@ -34,6 +34,17 @@ class Pair:
         with Image.open(self.image) as im:
             return im.convert("RGB")
 
+    def image_statistics(self) -> list[float]:
+        """The image's :data:`IMAGE_STATS`, read without a model: the blind guard's image features (a
+        collection whose images differ from the known non-members' in size, compression or colour
+        differs by distribution, not by training)."""
+        rgb = np.asarray(self.load_image(), dtype=np.float64) / 255.0
+        height, width = rgb.shape[:2]
+        size = os.path.getsize(self.image)
+        gray = rgb.mean(axis=2)
+        return [float(width), float(height), float(size), size / (width * height), float(gray.mean()),
+                float(gray.std()), *(float(rgb[..., c].mean()) for c in range(3))]
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -47,6 +58,8 @@ class Problem:
 
 
 KEYS = ("id", "image", "prompt", "text", "label")
+IMAGE_STATS = ("image_width", "image_height", "image_file_bytes", "image_file_bytes_per_pixel", "image_mean",
+               "image_std", "image_red", "image_green", "image_blue")
 OUTSIDE = "outside the manifest's folder"  # the reason's words for an image elsewhere (the CLI looks for them)
 
 

@@ -38,6 +38,7 @@ from gradaudit.schema import STAT_KEYS
 from gradaudit.store.integrity import (TEMPORARY, Unverified, pair_digest, read_metadata, read_tensors, read_text,
                                        refuse_id_collisions, save_tensors, tensors_sha256, write_text)
 from gradaudit.store.lock import exclusive
+from gradaudit.store.manifest import IMAGE_STATS
 
 
 def _plain_name(kind: str, name: str) -> str:
@@ -305,15 +306,17 @@ class RunFolder:
     def save_chunk(self, name: str, pairs: list, tensors: dict[str, torch.Tensor], ref_sha: str) -> str:
         """Stores one batch of ``pairs`` (manifest.Pair): ``tensors`` holds per weight
         "<weight>|<stat>" (B, d); "loss" (B,); "tokens" (N_text, 8) with "token_offsets" (B+1,) (the
-        fields of schema.TOKEN_FIELDS). The pairs' ids, content digests, texts and labels go in the
-        metadata, so that later steps need only the run folder. The chunk is numbered after the last
+        fields of schema.TOKEN_FIELDS). The pairs' ids, content digests, texts, labels and image statistics
+        (``manifest.IMAGE_STATS``, for the blind guard) go in the metadata, so that later steps need only
+        the run folder. The chunk is numbered after the last
         one, so that a chunk deleted to be recomputed never makes a later one be overwritten."""
         chunks = self._chunks(name)
         index = int(os.path.basename(chunks[-1])[len("chunk-"):-len(".safetensors")]) + 1 if chunks else 0
         path = os.path.join(self._stats_dir(name), f"chunk-{index:06d}.safetensors")
         meta = {"ids": json.dumps([p.id for p in pairs]), "digests": json.dumps([pair_digest(p) for p in pairs]),
                 "reference_sha256": ref_sha,
-                "texts": json.dumps([p.text for p in pairs]), "labels": json.dumps([p.label for p in pairs])}
+                "texts": json.dumps([p.text for p in pairs]), "labels": json.dumps([p.label for p in pairs]),
+                "image_stats": json.dumps([p.image_statistics() for p in pairs])}
         save_tensors(path, {k: v.cpu().contiguous() for k, v in tensors.items()}, meta, "statistics chunk")
         return path
 
@@ -350,6 +353,16 @@ class RunFolder:
             texts += json.loads(meta["texts"])
             labels += json.loads(meta["labels"])
         return ids, texts, labels
+
+    def image_stats(self, name: str) -> np.ndarray | None:
+        """(n, len(IMAGE_STATS)) image statistics of set ``name`` in stored order; None for a set
+        captured before they were stored."""
+        rows = []
+        for _, meta in self._chunk_metadata(name):
+            if "image_stats" not in meta:
+                return None
+            rows += json.loads(meta["image_stats"])
+        return np.array(rows, dtype=np.float64).reshape(len(rows), len(IMAGE_STATS))
 
     def stored_set(self, name: str) -> StoredSet:
         """Set ``name`` with R's norms and which pairs built R, as plain arrays. A pair built R when its

@@ -42,15 +42,23 @@ def audit_dir(tmp_path_factory):
 def test_audit_writes_what_an_auditor_reads(audit_dir, capsys):
     assert main(["audit", str(audit_dir / "audit.toml"), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "training pairs" in out and "report.html" in out
+    assert out.startswith(("Evidence that this collection", "No evidence that this collection", "No conclusion"))
+    assert "Per pair, the signal" in out and "report.html" in out
     run = audit_dir / "run"
     out_dir = run / "results" / "probes"
     m = json.loads((out_dir / "metrics.json").read_text())
+    c = m["collection"]
+    assert c["set"] == "probes" and c["pairs"] == 16 and c["tested_pairs_left_out_as_reference_pairs"] == 3
+    # p1, p3, p5 are known members (the builders of R, p0, p2, p4, are tested leave-one-out)
+    assert c["test"]["design"] == "known members" and c["test"]["n_test"] == {"collection": 13, "nonmembers": 6,
+                                                                               "members": 3}
+    assert 0 <= c["test"]["p_value"] <= 1 and 0 <= c["blind_guard"]["p_value"] <= 1
+    assert c["blind_features"] == "text and image statistics" and c["test"]["features"]
     assert m["method"] in m["cross_validated"] and "paper" in m["cross_validated"]
     assert set(m["cross_validated"]) == {"paper", "loo", "signed", "head-cosine", "head-lognorm", "head-both", "combined"}
     assert {"loss", "zlib", "min_k", "min_k_plus_plus", "gradient_norm"} <= set(m["cross_validated_baselines"])
     assert 0 <= m["exposure"]["estimate"] <= 1 and m["exposure"]["ci"][0] <= m["exposure"]["ci"][1]
-    assert 0 <= m["collection_test"]["p_value"] <= 1 and m["probes"] == 16
+    assert "collection_test" not in m and m["probes"] == 16  # retired: the collection audit answers
     ev = m["evaluation"]
     assert 0 <= ev["gradaudit"]["auroc"] <= 1 and ev["gradaudit"]["tpr_at_0.01_fpr"] is None  # 10 negatives
     assert m["true_member_share"] == pytest.approx(6 / 16)
@@ -59,15 +67,17 @@ def test_audit_writes_what_an_auditor_reads(audit_dir, capsys):
     assert len(rows) == 16 and {r["verdict"] for r in rows} <= {"member", "non-member"}
     assert all(0 <= float(r["probability"]) <= 1 for r in rows) and "min_k_plus_plus" in rows[0]
     page = (out_dir / "report.html").read_text()
-    assert "GradAudit report" in page and "training pairs" in page and page.count("data:image/png;base64,") == 5
-    assert sorted(os.listdir(out_dir / "figures")) == ["comparison.png", "mask.png", "reliability.png", "roc.png", "scores.png"]
+    assert "GradAudit report" in page and page.index("Was this collection used?") < page.index("<h2>Per pair</h2>")
+    assert page.count("data:image/png;base64,") == 6
+    assert sorted(os.listdir(out_dir / "figures")) == ["collection.png", "comparison.png", "mask.png", "reliability.png",
+                                                       "roc.png", "scores.png"]
 
 
 def test_audit_config_errors(tmp_path, capsys):
     bad = tmp_path / "a.toml"
     bad.write_text('model = "m"\n[data]\nprobes = "p.jsonl"\n')
     assert main(["audit", str(bad)]) == 2
-    assert "missing run, data.reference_members" in capsys.readouterr().err
+    assert "missing run, data.reference_nonmembers" in capsys.readouterr().err  # known members are optional
 
 
 def test_step_commands_from_the_run_folder(audit_dir, capsys):
@@ -130,18 +140,37 @@ def test_stored_fit_scores_as_the_fresh_one(audit_dir):
 def test_verdict_reads_weak_when_the_interval_is_wide():
     from gradaudit.audit.claims import verdict
 
-    result = {"collection_test": {"p_value": 0.3}, "exposure": {"estimate": 0.2, "ci": [0.0, 0.9]}, "method": "loo",
+    result = {"exposure": {"estimate": 0.2, "ci": [0.0, 0.9]}, "method": "loo",
               "reference": {"members": 12, "nonmembers": 12},
               "cross_validated": {"loo": {"auroc": 0.79, "auroc_ci": [0.52, 0.97]}},
               "cross_validated_baselines": {"loss": 0.55}}
     text = verdict(result)
-    assert "No evidence" in text and "not distinguishable from chance" in text and "0.52–0.97" in text
+    assert text.startswith("Per pair") and "not distinguishable from chance" in text and "0.52–0.97" in text
+    assert "no per-pair probability or share is claimed" in text
     result["cross_validated"]["loo"]["auroc_ci"] = [0.85, 0.95]
-    result["collection_test"]["p_value"] = 0.001
-    assert "Evidence that" in verdict(result) and "strong" in verdict(result)
-    result["cross_validated"]["loo"]["auroc_ci"] = [0.44, 0.63]  # a test result without a signal to stand on
-    text = verdict(result)
-    assert text.startswith("No conclusion") and "p = 0.001" in text and "Evidence that" not in text
+    assert "strong" in verdict(result) and "estimated share of training pairs among the audited pairs 20%" in verdict(result)
+
+
+def _collection(p, auroc, guard_p, share):
+    return {"alpha": 0.05, "blind_features": "text and image statistics",
+            "test": {"p_value": p, "auroc": auroc, "auroc_ci": [auroc - 0.05, auroc + 0.05],
+                     "n_test": {"collection": 500, "nonmembers": 250}, "share": share},
+            "blind_guard": {"p_value": guard_p, "auroc": 0.5, "fired": guard_p < 0.05}}
+
+
+def test_collection_verdict_leads_and_the_blind_guard_overrules_it():
+    from gradaudit.audit.claims import verdict
+
+    estimate = {"kind": "estimate", "estimate": 0.48, "ci": [0.3, 0.7], "note": "assuming …"}
+    text = verdict({"collection": _collection(1e-6, 0.58, 0.4, estimate)})
+    assert text.startswith("Evidence that this collection was used") and "p = 1e-06" in text
+    assert "estimated share used 48% (95% CI 30–70%" in text and "weak" in text
+    bound = {"kind": "lower bound", "estimate": None, "ci": [0.12, 1.0]}
+    assert "at least 12% of it used" in verdict({"collection": _collection(1e-6, 0.58, 0.4, bound)})
+    text = verdict({"collection": _collection(0.3, 0.51, 0.4, bound)})
+    assert text.startswith("No evidence") and "does not show that it was not used" in text and "12%" not in text
+    text = verdict({"collection": _collection(1e-9, 0.9, 1e-4, estimate)})
+    assert text.startswith("No conclusion about training") and "Evidence" not in text
 
 
 def test_leave_one_out_protocol_remains_an_option(audit_dir):
@@ -191,7 +220,7 @@ def test_step_by_step_route_gives_the_audits_answer(audit_dir, split, capsys):
         assert ids_a == ids_s and all(np.array_equal(stats_a[k], stats_s[k]) for k in stats_a), set_name
     want = json.loads((audit_dir / name / "results" / "probes" / "metrics.json").read_text())
     got = json.loads((steps / "results" / "probes" / "metrics.json").read_text())
-    for key in ("method", "cross_validated", "collection_test", "exposure", "evaluation", "reference"):
+    for key in ("method", "cross_validated", "collection", "exposure", "evaluation", "reference"):
         assert got[key] == want[key], key
     from gradaudit.audit.claims import verdict
 
