@@ -187,3 +187,27 @@ def audit_sets(root: str, corpus: str, size: str, n_reference: int = REFERENCE_P
         "probes": write_pairs(os.path.join(folder, "probes.jsonl"), probe_m + probe_n,
                               labels=[1] * len(probe_m) + [0] * len(probe_n)),
     }
+
+
+def collection_sets(root: str, corpus: str, size: str, n_members: int = 200, n_nonmembers: int = 500,
+                    n_collection: int = 500, counts: Corpus = Corpus()) -> dict[str, str]:
+    """Manifests of the collection audit on one corpus (i.i.d. protocol): the first ``n_members``
+    members known as such, the first ``n_nonmembers`` non-members known as such (V), a collection of
+    the next ``n_collection`` members (all used in training) and one of the next ``n_collection``
+    non-members (fresh: none used), labelled."""
+    if n_members + n_collection > counts.members or n_nonmembers + n_collection > counts.nonmembers:
+        raise ValueError(f"{n_members} known members, {n_nonmembers} known non-members and collections of "
+                         f"{n_collection} do not fit the corpus ({counts.members} members, {counts.nonmembers} "
+                         "non-members)")
+    data = prepare_corpus(root, corpus, size, counts)
+    members, nonmembers = _load_pairs(data["members"]), _load_pairs(data["nonmembers"])
+    folder = os.path.join(root, "audits", f"{corpus}-{size}-collections-{n_members}-{n_nonmembers}-{n_collection}")
+    used = members[n_members:n_members + n_collection]
+    fresh = nonmembers[n_nonmembers:n_nonmembers + n_collection]
+    return {
+        "reference_members": write_pairs(os.path.join(folder, "reference_members.jsonl"), members[:n_members]),
+        "reference_nonmembers": write_pairs(os.path.join(folder, "reference_nonmembers.jsonl"),
+                                            nonmembers[:n_nonmembers]),
+        "used": write_pairs(os.path.join(folder, "used.jsonl"), used, labels=[1] * len(used)),
+        "fresh": write_pairs(os.path.join(folder, "fresh.jsonl"), fresh, labels=[0] * len(fresh)),
+    }

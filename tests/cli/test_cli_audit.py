@@ -227,3 +227,34 @@ def test_step_by_step_route_gives_the_audits_answer(audit_dir, split, capsys):
     assert verdict(want) in said
     rows = [list(csv.DictReader(open(folder / "results" / "probes" / "pairs.csv"))) for folder in (audit_dir / name, steps)]
     assert rows[0] == rows[1]
+
+
+def test_audit_without_known_members_answers_for_the_collection_alone(audit_dir, capsys):
+    """No reference_members: R is the mean gradient of the collection's fitting half, the collection audit
+    answers (its design "split collection", the share a lower bound), and no per-pair method is fitted;
+    `gradaudit report` audits another extracted set the same way."""
+    config = audit_dir / "audit_collection_only.toml"
+    config.write_text('model = "model"\nrun = "run_collection"\n[data]\nreference_nonmembers = "ref_nonmembers.jsonl"\n'
+                      'probes = "probes.jsonl"\n[options]\nbatch_size = 6\nprompt_format = "chat-template"\n')
+    assert main(["audit", str(config), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "this collection" in out and "Per pair" not in out and "pairs:" not in out
+    run = audit_dir / "run_collection"
+    m = json.loads((run / "results" / "probes" / "metrics.json").read_text())
+    c = m["collection"]
+    assert "cross_validated" not in m and c["known_members"] == 0 and c["test"]["design"] == "split collection"
+    assert c["test"]["n_fit"] == {"collection": 8, "nonmembers": 6} and c["test"]["share"]["kind"] == "lower bound"
+    from gradaudit.audit.collection import split
+    from gradaudit.store.runfolder import RunFolder
+
+    ids = [json.loads(line)["id"] for line in (audit_dir / "probes.jsonl").read_text().splitlines()]
+    builders = {i for i, f in zip(ids, split(ids)) if f}
+    assert set(RunFolder(str(run)).reference_pairs()) == builders  # R: the half that fits the aggregator
+    page = (run / "results" / "probes" / "report.html").read_text()
+    assert "No known members were given" in page and "Was this collection used?" in page
+    capture = ["--model", audit_dir / "model", "--run", run, "--batch-size", 6, "--no-progress",
+               "--prompt-format", "chat-template"]
+    assert main([str(a) for a in ["extract", "--manifest", audit_dir / "ref_members.jsonl", "--set", "other", *capture]]) == 0
+    assert main(["report", "--run", str(run), "--set", "other"]) == 0
+    other = json.loads((run / "results" / "other" / "metrics.json").read_text())
+    assert other["collection"]["set"] == "other" and other["collection"]["pairs"] == 12

@@ -1,0 +1,248 @@
+"""The evaluation of issue 13: the collection audit (gradaudit.audit.collection) on the embedded models.
+
+Per scenario (pretrain / finetune × scenes / radiographs), one capture against R from half of 200 known
+members (the other half is the set reference_members, M), then every collection is drawn from stored
+features, so thousands of audits cost no further capture:
+- pools: members 200–1199 (every one trained on) and non-members 100–1199 (never trained on;
+  non-members 0–99 fit the paper's score only, so it is fitted on no pair it tests);
+- validity: null collections — S and V both drawn, disjoint, from the non-member pool (V of 500, S of
+  200) — audited with known members and without (the collection's own halves); the rate of p < 0.05,
+  with its binomial 95% interval, and the blind guard's;
+- power: collections of n pairs with 100%, 50% and 10% members against V of 500, the rate of p < 0.01 for
+  GradAudit's aggregator (with known members, the default audit) and for single scores each by a
+  one-sided Mann–Whitney test of all of S against all of V (loss, Min-K%++, the paper's score); the
+  smallest n detected in at least 80% of draws;
+- the shifted protocol (non-members in another voice): S = members (and S = plain non-members) against V
+  of shifted non-members; the blind guard must fire on every draw.
+
+    python benchmarks/eval_collection.py --out benchmarks/results                # tiny, CPU
+    python benchmarks/eval_collection.py --scenarios finetune-radiographs --null-draws 50   # a quick look
+
+Writes eval_collection_<size>.json (everything) and eval_collection_<size>.md (the tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+from scipy.stats import binomtest, mannwhitneyu
+
+from gradaudit import workflow
+from gradaudit.audit.collection import Features, blind_features, model_features, split_test
+from gradaudit.audit.method import GradAudit
+from gradaudit.capture import run_extract
+from gradaudit.store import RunFolder, read_manifest, write_pairs
+from gradaudit.store.manifest import IMAGE_STATS
+from gradaudit.toy.corpora import KINDS
+from gradaudit.toy.models import FORMAT
+from gradaudit.toy.scenarios import TRAININGS, Corpus, prepare_corpus, train_model
+
+SCENARIOS = [f"{t}-{c}" for t in TRAININGS for c in KINDS]
+SHARES = (1.0, 0.5, 0.1)
+SIZES_N = (50, 100, 200, 400)
+V_SIZE, NULL_SIZE, KNOWN_MEMBERS, PAPER_NONMEMBERS = 500, 200, 200, 100
+SINGLE = ("loss", "min_k_plus_plus", "paper")
+
+
+def capture(root: str, model: dict, corpus: str, size: str, device: str, batch_size: int) -> str:
+    """One run folder: R from half of the first 200 members (the other half: set reference_members),
+    non-members 0–99 (set paper_nonmembers), the member and non-member pools."""
+    data = prepare_corpus(root, corpus, size, Corpus())
+    members, nonmembers = (read_manifest(data[k])[0] for k in ("members", "nonmembers"))
+    run = os.path.join(root, "eval-collection", os.path.basename(model["adapter"] or model["model"]))
+    folder = RunFolder(run)
+    manifests = os.path.join(root, "eval-collection", "manifests-" + os.path.basename(run))
+    sets = {"known_members": members[:KNOWN_MEMBERS], "paper_nonmembers": nonmembers[:PAPER_NONMEMBERS],
+            "member_pool": members[KNOWN_MEMBERS:], "nonmember_pool": nonmembers[PAPER_NONMEMBERS:]}
+    paths = {k: write_pairs(os.path.join(manifests, f"{k}.jsonl"), v) for k, v in sets.items()}
+    opts = dict(adapter=model["adapter"], preset="paper", batch_size=batch_size, device=device, progress=False,
+                allow_outside=True, prompt_format=FORMAT.spec)
+    workflow.reference(model["model"], paths["known_members"], run, split=True, **opts)
+    for name in ("paper_nonmembers", "member_pool", "nonmember_pool"):
+        run_extract(model["model"], paths[name], run, name, **opts)
+    return folder.path
+
+
+def stored(run: str, name: str) -> dict:
+    """A set's ids, model features, blind features and single scores."""
+    folder = RunFolder(run)
+    audited = workflow.load_set(run, name)
+    return {"ids": audited.ids, "pairs": audited.pairs, "model": model_features(audited.pairs),
+            "blind": blind_features(audited.texts, folder.image_stats(name), IMAGE_STATS)}
+
+
+def _rows(f: Features, index) -> Features:
+    return f.rows(np.asarray(index))
+
+
+def draw(rng, pools: dict, n: int, share: float, v_size: int):
+    """Indices of a collection of n pairs (round(share·n) members) and of V, disjoint from it."""
+    k = int(round(share * n))
+    order = rng.permutation(len(pools["nonmember_pool"]["ids"]))
+    v, rest = order[:v_size], order[v_size:]
+    return rng.choice(len(pools["member_pool"]["ids"]), k, replace=False), rest[:n - k], v
+
+
+def _stack(parts: list[tuple[dict, np.ndarray]], key: str):
+    if key in ("model", "blind"):
+        return Features(parts[0][0][key].names, np.concatenate([p[key].values[i] for p, i in parts]))
+    if key == "ids":
+        return [p["ids"][j] for p, i in parts for j in i]
+    return np.concatenate([p[key][i] for p, i in parts])
+
+
+def audit_draw(pools, known, m_idx, n_idx, v_idx, with_members: bool, seed: int):
+    s_parts = [(pools["member_pool"], m_idx), (pools["nonmember_pool"], n_idx)]
+    v_parts = [(pools["nonmember_pool"], v_idx)]
+    s_model, v_model = _stack(s_parts, "model"), _stack(v_parts, "model")
+    s_ids, v_ids = _stack(s_parts, "ids"), _stack(v_parts, "ids")
+    test = split_test(s_model, v_model, s_ids, v_ids, known["model"] if with_members else None,
+                      known["ids"] if with_members else None, seed=seed, with_share=with_members)
+    guard = split_test(_stack(s_parts, "blind"), _stack(v_parts, "blind"), s_ids, v_ids, seed=seed, with_share=False)
+    singles = {k: float(mannwhitneyu(_stack(s_parts, k), _stack(v_parts, k), alternative="greater").pvalue)
+               for k in SINGLE}
+    return test, guard, singles
+
+
+def rate(hits: int, n: int) -> dict:
+    ci = binomtest(hits, n).proportion_ci(0.95, method="exact")
+    return {"rate": hits / n, "hits": hits, "draws": n, "ci": [ci.low, ci.high]}
+
+
+def evaluate(run: str, root: str, corpus: str, size: str, args) -> dict:
+    pools = {k: stored(run, k) for k in ("member_pool", "nonmember_pool")}
+    known = stored(run, "reference_members")
+    paper = GradAudit().fit(known["pairs"], workflow.load_set(run, "paper_nonmembers").pairs)
+    for pool in pools.values():
+        pool["paper"] = paper.score_samples(pool["pairs"])
+        pool["loss"], pool["min_k_plus_plus"] = (pool["pairs"].extra[k] for k in ("loss", "min_k_plus_plus"))
+    rng = np.random.default_rng(args.seed)
+    out = {"validity": {}, "power": {}, "shifted": {}}
+    t0 = time.time()
+    for with_members in (True, False):
+        ps, guards = [], []
+        for r in range(args.null_draws):
+            m_idx, n_idx, v_idx = draw(rng, pools, NULL_SIZE, 0.0, V_SIZE)
+            test, guard, _ = audit_draw(pools, known, m_idx, n_idx, v_idx, with_members, seed=r)
+            ps.append(test.p_value)
+            guards.append(guard.p_value)
+        ps, guards = np.array(ps), np.array(guards)
+        out["validity"]["known members" if with_members else "split collection"] = {
+            "p_below_0.05": rate(int((ps < 0.05).sum()), len(ps)), "p_below_0.01": rate(int((ps < 0.01).sum()), len(ps)),
+            "guard_fired": rate(int((guards < 0.05).sum()), len(guards)), "p_values": ps.tolist()}
+        print(f"  validity ({'known members' if with_members else 'split collection'}): "
+              f"{(ps < 0.05).mean():.3f} of {len(ps)} below 0.05 ({time.time() - t0:.0f} s)", flush=True)
+    for share in SHARES:
+        for n in SIZES_N:
+            hits = {"gradaudit": 0, **{k: 0 for k in SINGLE}}
+            shares = []
+            for r in range(args.power_draws):
+                m_idx, n_idx, v_idx = draw(rng, pools, n, share, V_SIZE)
+                test, guard, singles = audit_draw(pools, known, m_idx, n_idx, v_idx, True, seed=r)
+                hits["gradaudit"] += test.p_value < 0.01
+                for k, p in singles.items():
+                    hits[k] += p < 0.01
+                if test.share and test.share["kind"] == "estimate":
+                    shares.append(test.share["estimate"])
+            out["power"][f"{share}-{n}"] = {"share": share, "n": n, "draws": args.power_draws,
+                                            "detected": {k: v / args.power_draws for k, v in hits.items()},
+                                            "share_estimate_median": float(np.median(shares)) if shares else None}
+            print(f"  power share {share} n {n}: " + ", ".join(f"{k} {v / args.power_draws:.2f}" for k, v in hits.items())
+                  + f" ({time.time() - t0:.0f} s)", flush=True)
+    out["smallest_n_80"] = {
+        str(share): {k: next((n for n in SIZES_N if out["power"][f"{share}-{n}"]["detected"][k] >= 0.8), None)
+                     for k in ("gradaudit", *SINGLE)} for share in SHARES}
+    # the shifted protocol: V in another voice; the blind guard reads the manifests (no capture needed)
+    shifted = read_manifest(prepare_corpus(root, corpus, size, Corpus())["nonmembers_shifted"])[0]
+    shifted = shifted[PAPER_NONMEMBERS:]
+    v_blind = blind_features([p.text for p in shifted], np.array([p.image_statistics() for p in shifted]), IMAGE_STATS)
+    v_ids = [p.id + "~shifted" for p in shifted]
+    for side, pool in (("members", "member_pool"), ("plain non-members", "nonmember_pool")):
+        fired = 0
+        for r in range(args.shifted_draws):
+            s = rng.choice(len(pools[pool]["ids"]), NULL_SIZE, replace=False)
+            v = rng.choice(len(shifted), V_SIZE, replace=False)
+            guard = split_test(_rows(pools[pool]["blind"], s), _rows(v_blind, v), [pools[pool]["ids"][i] for i in s],
+                               [v_ids[i] for i in v], seed=r, with_share=False)
+            fired += guard.p_value < 0.05
+        out["shifted"][side] = rate(int(fired), args.shifted_draws)
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Collection audit on the embedded models ({report['size']}, {report['device']})", "",
+             f"`{report['command']}` — {report['machine']}; {report['seconds']:.0f} s. V of {V_SIZE} known "
+             f"non-members, {KNOWN_MEMBERS} known members (half build R); null collections of {NULL_SIZE}.", "",
+             "## Validity: null collections (S and V both non-members)", "",
+             "| scenario | audit | p < 0.05 [95% CI] | p < 0.01 | blind guard fired |", "|---|---|---|---|---|"]
+    for name, sc in report["scenarios"].items():
+        for design, v in sc["validity"].items():
+            a, b, g = v["p_below_0.05"], v["p_below_0.01"], v["guard_fired"]
+            lines.append(f"| {name} | {design} | {a['rate']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] ({a['hits']}/"
+                         f"{a['draws']}) | {b['rate']:.3f} | {g['rate']:.3f} |")
+    lines += ["", "## Power: share of draws detected at p < 0.01 (V of 500)", "",
+              "| scenario | members | n | GradAudit | loss | Min-K%++ | paper | share estimate (median) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, sc in report["scenarios"].items():
+        for key, p in sc["power"].items():
+            d = p["detected"]
+            est = "—" if p["share_estimate_median"] is None else f"{p['share_estimate_median']:.2f}"
+            lines.append(f"| {name} | {100 * p['share']:.0f}% | {p['n']} | {d['gradaudit']:.2f} | {d['loss']:.2f} | "
+                         f"{d['min_k_plus_plus']:.2f} | {d['paper']:.2f} | {est} |")
+    lines += ["", "## Smallest collection detected in ≥ 80% of draws (of the sizes tried; — = none)", "",
+              "| scenario | members | GradAudit | loss | Min-K%++ | paper |", "|---|---|---|---|---|---|"]
+    for name, sc in report["scenarios"].items():
+        for share, row in sc["smallest_n_80"].items():
+            cells = ["—" if row[k] is None else str(row[k]) for k in ("gradaudit", *SINGLE)]
+            lines.append(f"| {name} | {100 * float(share):.0f}% | " + " | ".join(cells) + " |")
+    lines += ["", "## Shifted protocol: the blind guard (V = non-members in another voice)", "",
+              "| scenario | S | guard fired |", "|---|---|---|"]
+    for name, sc in report["scenarios"].items():
+        for side, r in sc["shifted"].items():
+            lines.append(f"| {name} | {side} | {r['rate']:.2f} ({r['hits']}/{r['draws']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default="demo")
+    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--null-draws", type=int, default=200)
+    ap.add_argument("--power-draws", type=int, default=30)
+    ap.add_argument("--shifted-draws", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    root = os.path.abspath(args.root)
+    report = {"size": args.size, "device": args.device, "machine": f"{platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores", "command": "python benchmarks/eval_collection.py " + " ".join(sys.argv[1:]),
+              "scenarios": {}}
+    t0 = time.time()
+    for name in args.scenarios.split(","):
+        training, corpus = name.split("-")
+        print(f"{name}: training (cached) and capture", flush=True)
+        model = train_model(root, training, corpus, args.size, device=args.device, log=lambda m: print(m, flush=True))
+        run = capture(root, model, corpus, args.size, args.device, args.batch_size)
+        report["scenarios"][name] = evaluate(run, root, corpus, args.size, args)
+        report["seconds"] = time.time() - t0
+        if args.out:  # after every scenario: a partial run leaves its tables
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, f"eval_collection_{args.size}.json"), "w") as f:
+                json.dump(report, f, indent=1)
+            with open(os.path.join(args.out, f"eval_collection_{args.size}.md"), "w") as f:
+                f.write(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
