@@ -48,7 +48,8 @@ import numpy as np
 
 from gradaudit.audit import per_pair
 from gradaudit.audit.baselines import all_baselines
-from gradaudit.audit.collection import CollectionAudit, audit_collection, blind_features, model_features, split
+from gradaudit.audit.collection import (CollectionAudit, audit_collection, blind_features, members_test, model_features,
+                                        split, split_test)
 from gradaudit.audit.method import SliceSet
 from gradaudit.audit.per_pair import Evaluation, Fit, ScoredSet
 from gradaudit.audit.variants import VARIANTS
@@ -187,7 +188,7 @@ def load_set(run: str | RunFolder, name: str) -> AuditSet:
     stored = folder.stored_set(name)
     pairs = SliceSet(stored.weights, **stored.stats, ref_row_sq=stored.ref_row_sq, ref_col_sq=stored.ref_col_sq,
                      n_ref=stored.n_ref, in_ref=stored.in_ref)
-    pairs.extra = all_baselines(stored.tokens, stored.token_offsets, stored.texts, pairs)
+    pairs.extra = all_baselines(stored.tokens, stored.token_offsets, stored.texts, pairs, stored.base_tokens)
     return AuditSet(stored.ids, pairs, stored.labels, stored.texts)
 
 
@@ -266,37 +267,36 @@ def context(run: str) -> dict:
 
 def collection(run: str, name: str = "probes", seed: int = 0) -> tuple[CollectionAudit, dict]:
     """Was set ``name`` (the collection S) used to train the model? The collection audit
-    (``audit.collection``) against the known non-members (set reference_nonmembers, V), with the known
-    members (set reference_members, M) where the run has them. Pairs of S that are also reference pairs
-    are left out of S's test (a pair the aggregator was fitted on must not be tested). Returns the audit
-    and what the report says of its inputs."""
+    (``audit.collection``) against the known non-members (set reference_nonmembers, V). With known
+    members (set reference_members, M), the per-pair method is cross-validated and chosen on M against one
+    half of V, and S is tested against the other half; without them, an aggregator of per-pair features
+    fits half of S against half of V. Pairs of S that are also reference pairs are left out of S's test
+    (a pair a fit saw must not be tested). Returns the audit and what the report says of its inputs."""
     folder = RunFolder(run)
-    sets = ["reference_nonmembers"] + (["reference_members"] if folder.has_set("reference_members") else [])
-    s, v, m = load_set(folder, name), load_set(folder, "reference_nonmembers"), None
-    reference_ids = set(v.ids)
-    if len(sets) == 2:
-        m = load_set(folder, "reference_members")
-        reference_ids |= set(m.ids)
-    keep = np.array([pid not in reference_ids for pid in s.ids])
-    images = {k: folder.image_stats(k) for k in (name, *sets)}
+    s, v = load_set(folder, name), load_set(folder, "reference_nonmembers")
+    m = load_set(folder, "reference_members") if folder.has_set("reference_members") else None
+    reference_ids = set(v.ids) | (set(m.ids) if m is not None else set())
+    keep = np.flatnonzero([pid not in reference_ids for pid in s.ids])
+    s_ids, s_pairs = [s.ids[i] for i in keep], s.pairs.subset(keep)
+    images = {k: folder.image_stats(k) for k in (name, "reference_nonmembers")}
     with_images = all(a is not None for a in images.values())
-
-    def features(audited: AuditSet, set_name: str, rows=slice(None)):
-        index = np.arange(len(audited.ids))[rows]
-        blind = blind_features([audited.texts[i] for i in index],
-                               images[set_name][index] if with_images else None, IMAGE_STATS)
-        return model_features(audited.pairs.subset(index)), blind
-
-    (s_model, s_blind), (v_model, v_blind) = features(s, name, keep), features(v, "reference_nonmembers")
-    s_ids = [pid for pid, k in zip(s.ids, keep) if k]
-    m_model = features(m, "reference_members")[0] if m is not None else None
-    result = audit_collection(s_model, v_model, s_blind, v_blind, s_ids, v.ids, m_model,
-                              m.ids if m is not None else None, seed)
-    about = {"set": name, "pairs": len(s.ids), "tested_pairs_left_out_as_reference_pairs": int((~keep).sum()),
+    s_blind = blind_features([s.texts[i] for i in keep], images[name][keep] if with_images else None, IMAGE_STATS)
+    v_blind = blind_features(v.texts, images["reference_nonmembers"] if with_images else None, IMAGE_STATS)
+    if m is not None:
+        v_fit = split(v.ids, seed=seed)
+        v_test = np.flatnonzero(~v_fit)
+        fitted = per_pair.fit_reference(m.pairs, v.pairs.subset(v_fit), m.ids,
+                                        [i for i, f in zip(v.ids, v_fit) if f], seed=seed)
+        held_out = v.pairs.subset(v_test)
+        test = members_test(fitted, s_pairs, s_ids, held_out, [v.ids[i] for i in v_test],
+                            (model_features(s_pairs), model_features(held_out)), seed)
+    else:
+        test = split_test(model_features(s_pairs), model_features(v.pairs), s_ids, v.ids, seed)
+    about = {"set": name, "pairs": len(s.ids), "tested_pairs_left_out_as_reference_pairs": len(s.ids) - len(keep),
              "nonmembers": len(v.ids), "known_members": len(m.ids) if m is not None else 0,
              "blind_features": "text and image statistics" if with_images else "text statistics only (the run "
                                "folder holds no image statistics: captured before they were stored)", "seed": seed}
-    return result, about
+    return audit_collection(test, s_blind, v_blind, s_ids, v.ids, seed), about
 
 
 def write_pairs_csv(run: str, scored: ScoredSet) -> str:

@@ -76,10 +76,19 @@ def gradient_norm(pairs) -> np.ndarray:
     return -0.5 * np.log(np.maximum(total, 1e-300))
 
 
-def all_baselines(tokens, offsets, texts, pairs=None) -> dict[str, np.ndarray]:
-    """Every baseline of docs/method.md for n pairs; ``pairs`` (a SliceSet) adds the gradient norm."""
+VERSUS_BASE = ("loss", "min_k", "min_k_plus_plus")
+
+
+def all_baselines(tokens, offsets, texts, pairs=None, base_tokens=None) -> dict[str, np.ndarray]:
+    """Every baseline of docs/method.md for n pairs; ``pairs`` (a SliceSet) adds the gradient norm, and
+    ``base_tokens`` (the same per-token quantities under a fine-tune's base model) adds, for the scores
+    of :data:`VERSUS_BASE`, the fine-tuned model's score minus the base model's ("<score>_vs_base": a
+    reference-model attack, higher = the fine-tune raised the pair more)."""
     out = token_baselines(tokens, offsets)
     out["zlib"] = zlib_ratio(out["loss"], texts)
     if pairs is not None:
         out["gradient_norm"] = gradient_norm(pairs)
+    if base_tokens is not None:
+        base = token_baselines(base_tokens, offsets)
+        out.update({f"{k}_vs_base": out[k] - base[k] for k in VERSUS_BASE})
     return out

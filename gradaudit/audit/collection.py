@@ -2,23 +2,26 @@
 docs/collection.md), on plain arrays.
 
 Inputs: the suspect collection S, known non-members V drawn from the same distribution as S's unused
-part (the user vouches for that), and optionally known members M. Each pair is a vector of features
-(:func:`model_features`: every logit baseline, and per weight and axis the mean log slice norm and the
-mean cosine with R). Many weak features add up over a collection (Maini et al., 2024).
+part (the user vouches for that), and optionally known members M. Many weak per-pair signals add up
+over a collection (Maini et al., 2024).
 
 The test is **sample splitting**, chosen over cross-fitting because its p-value is exact with no
-permutation loop: an aggregator (the variants' logistic head: standardised, L2-regularised, its
-strength chosen by inner cross-validation) is fitted on one part of the pairs and scores pairs it never saw; a one-sided
-Mann–Whitney U test asks whether S's held-out scores exceed V's. The aggregator is a fixed function of
-the fitting part, so when S and V are exchangeable the held-out scores of S and of V are too, and the
-p-value is valid whatever the aggregator learned. With known members the aggregator learns members
-against non-members (half of M against half of V) and every pair of S is tested; without them it learns
-half of S against half of V and the other half of S is tested.
+permutation loop: a score is fitted on some pairs and applied to pairs it never saw, and a one-sided
+Mann–Whitney U test asks whether S's held-out scores exceed V's. The score is a fixed function of the
+fitting pairs, so when S and V are exchangeable their held-out scores are too, and the p-value is valid
+whatever was learned.
+
+* With known members (:func:`members_test`): the per-pair audit's machinery — every variant
+  cross-validated on M against half of V, the best chosen — scores all of S and the other half of V,
+  each pair by one fold model (the same kind of function that gave M's out-of-fold scores).
+* Without (:func:`split_test`): an aggregator (the variants' logistic head over
+  :func:`model_features`: every logit baseline, and per weight and axis the mean log slice norm and the
+  mean cosine with R) fits half of S against half of V; the other halves are tested.
 
 Effect size: the held-out AUROC of S against V. Share of S used: S's pairs are a mixture of unused
-pairs (distributed as V) and used ones, so AUROC(S, V) − ½ = share × (AUROC(used, V) − ½). With known
-members held out of every fit, AUROC(used, V) is estimated on them (assuming S's used pairs look like
-M); without them AUROC(used, V) ≤ 1 gives the lower bound 2·(AUROC(S, V) − ½).
+pairs (distributed as V) and used ones, so AUROC(S, V) − ½ = share × (AUROC(used, V) − ½). Known members'
+out-of-fold scores estimate AUROC(used, V) (assuming S's used pairs look like M); without them
+AUROC(used, V) ≤ 1 gives the lower bound 2·(AUROC(S, V) − ½).
 
 The blind guard runs the same test on features that never touch the model (:func:`blind_features`):
 text length, the text's zlib ratio, image statistics. If S and V separate without the model they
@@ -35,7 +38,9 @@ import numpy as np
 from scipy.stats import mannwhitneyu
 
 from gradaudit.audit import metrics
+from gradaudit.audit.folds import fold_of_ids
 from gradaudit.audit.method import SliceSet
+from gradaudit.audit.per_pair import Fit
 from gradaudit.audit.variants import LinearScorer, logistic
 
 ALPHA = 0.05  # the level at which a collection test or the blind guard speaks
@@ -205,42 +210,72 @@ def _share(s: np.ndarray, v: np.ndarray, m: np.ndarray | None, seed: int) -> dic
                     f"against V: {auc_mv:.2f})"}
 
 
-def split_test(collection: Features, nonmembers: Features, collection_ids: list[str], nonmember_ids: list[str],
-                    members: Features | None = None, member_ids: list[str] | None = None, seed: int = 0,
-                    with_share: bool = True) -> CollectionTest:
-    """Whether S (``collection``) holds pairs the model was trained on, against V (``nonmembers``).
-
-    With ``members`` (M): the aggregator fits half of M against half of V; all of S and the other half of
-    V are tested; the other half of M gives the share. Without: it fits half of S against half of V and
-    tests the other halves; the share is a lower bound. Halves by :func:`split` on the ids."""
-    if collection.names != nonmembers.names or (members is not None and members.names != collection.names):
-        raise ValueError("the collection, the non-members and the members need the same features")
-    v_fit = split(nonmember_ids, seed=seed)
-    if members is not None:
-        m_fit = split(member_ids, seed=seed)
-        design, pos_fit, s_test = "known members", members.rows(m_fit), collection
-        m_test = members.rows(~m_fit).values
-        n_fit = {"members": int(m_fit.sum()), "nonmembers": int(v_fit.sum())}
-    else:
-        s_fit = split(collection_ids, seed=seed)
-        design, pos_fit, s_test, m_test = "split collection", collection.rows(s_fit), collection.rows(~s_fit), None
-        n_fit = {"collection": int(s_fit.sum()), "nonmembers": int(v_fit.sum())}
-    v_test = nonmembers.rows(~v_fit)
-    if s_test.n == 0 or v_test.n == 0:
-        raise ValueError("too few pairs: the test needs held-out pairs of the collection and of the non-members")
-    agg = Aggregator(seed).fit(pos_fit.values, nonmembers.rows(v_fit).values)
-    s, v = agg.decision_function(s_test.values), agg.decision_function(v_test.values)
+def _held_out(s: np.ndarray, v: np.ndarray, seed: int) -> tuple[float, float, list[float]]:
+    """One-sided Mann–Whitney p-value that S's held-out scores exceed V's, and the AUROC with its interval."""
     p = float(mannwhitneyu(s, v, alternative="greater").pvalue)
     auc, low, high = metrics.auroc_ci(s, v, n_boot=N_BOOT, seed=seed)
-    scores = {"collection": s, "nonmembers": v}
-    m = None
-    if m_test is not None and len(m_test):
-        m = scores["members"] = agg.decision_function(m_test)
+    return p, auc, [low, high]
+
+
+def _univariate(names: list[str], pos: np.ndarray, neg: np.ndarray) -> list[dict]:
+    """The features that separate the tested pairs most on their own (held-out AUROC furthest from ½)."""
+    aucs = np.array([metrics.auroc(pos[:, j], neg[:, j]) for j in range(len(names))])
+    top = np.argsort(-np.abs(aucs - 0.5), kind="stable")[:TOP_FEATURES]
+    return [{"feature": names[j], "held_out_auroc": float(aucs[j])} for j in top]
+
+
+def split_test(collection: Features, nonmembers: Features, collection_ids: list[str], nonmember_ids: list[str],
+               seed: int = 0, with_share: bool = True) -> CollectionTest:
+    """Whether S (``collection``) holds pairs the model was trained on, against V (``nonmembers``),
+    without known members: the aggregator fits one half of S against one half of V (:func:`split` on the
+    ids) and the other halves are tested; the share is a lower bound. The blind guard is this test on
+    blind features."""
+    if collection.names != nonmembers.names:
+        raise ValueError("the collection and the non-members need the same features")
+    s_fit, v_fit = split(collection_ids, seed=seed), split(nonmember_ids, seed=seed)
+    s_test, v_test = collection.rows(~s_fit), nonmembers.rows(~v_fit)
+    if s_test.n == 0 or v_test.n == 0:
+        raise ValueError("too few pairs: the test needs held-out pairs of the collection and of the non-members")
+    agg = Aggregator(seed).fit(collection.rows(s_fit).values, nonmembers.rows(v_fit).values)
+    s, v = agg.decision_function(s_test.values), agg.decision_function(v_test.values)
+    p, auc, ci = _held_out(s, v, seed)
     return CollectionTest(
-        p_value=p, auroc=auc, auroc_ci=[low, high], design=design, n_fit=n_fit,
-        n_test={"collection": s_test.n, "nonmembers": v_test.n, **({"members": int(m.size)} if m is not None else {})},
+        p_value=p, auroc=auc, auroc_ci=ci, design="split collection",
+        n_fit={"collection": int(s_fit.sum()), "nonmembers": int(v_fit.sum())},
+        n_test={"collection": s_test.n, "nonmembers": v_test.n},
         features=_carried(agg, collection.names, s_test.values, v_test.values),
-        share=_share(s, v, m, seed) if with_share else None, scores=scores)
+        share=_share(s, v, None, seed) if with_share else None, scores={"collection": s, "nonmembers": v})
+
+
+def members_test(fit: Fit, collection: SliceSet, collection_ids: list[str], nonmembers: SliceSet,
+                 nonmember_ids: list[str], features: tuple[Features, Features] | None = None,
+                 seed: int = 0) -> CollectionTest:
+    """Whether S holds training pairs, with known members: ``fit`` is the per-pair audit's cross-validated
+    fit (``per_pair.fit_reference``) on the known members against one half of V; ``nonmembers`` is the
+    other half, which no fit saw. S and that half are scored alike, by the mean of the fold models, so the
+    two samples are exchangeable when S holds no training pair. For the share, each is also scored by the
+    one fold model its id falls to, the same kind of function as the known members' out-of-fold scores.
+    ``features`` (S's and the half's :func:`model_features`) name what separates them, for the report."""
+    if set(collection_ids) & set(fit.reference_ids):
+        raise ValueError("a pair of the collection is one of the fit's reference pairs: leave it out of the test")
+    fresh_s, fresh_v = np.full(len(collection_ids), -1), np.full(len(nonmember_ids), -1)
+    # the test: the mean of the fold models' scores, one function for both samples and steadier than one
+    # fold model's; the share: each pair by one fold model, as M's out-of-fold scores were made
+    s_mean = fit.chosen.score_probes(collection, fresh_s)
+    v_mean = fit.chosen.score_probes(nonmembers, fresh_v)
+    s = fit.chosen.score_probes(collection, fresh_s, fold_of_ids(collection_ids, fit.folds))
+    v = fit.chosen.score_probes(nonmembers, fresh_v, fold_of_ids(nonmember_ids, fit.folds))
+    m = fit.chosen.scores[:fit.n_members]
+    p, auc, ci = _held_out(s_mean, v_mean, seed)
+    carried = [{"feature": f"per-pair method '{fit.method}' (its cross-validated AUROC {fit.chosen.auroc:.3f})",
+                "held_out_auroc": auc}]
+    if features is not None:
+        carried += _univariate(features[0].names, features[0].values, features[1].values)
+    return CollectionTest(
+        p_value=p, auroc=auc, auroc_ci=ci, design="known members",
+        n_fit={"members": fit.n_members, "nonmembers": fit.n_nonmembers},
+        n_test={"collection": int(s.size), "nonmembers": int(v.size), "members": int(m.size)},
+        features=carried, share=_share(s, v, m, seed), scores={"collection": s_mean, "nonmembers": v_mean})
 
 
 @dataclass
@@ -259,13 +294,9 @@ class CollectionAudit:
                 "alpha": ALPHA, "guard_alpha": GUARD_ALPHA}
 
 
-def audit_collection(collection: Features, nonmembers: Features, collection_blind: Features,
-                     nonmember_blind: Features, collection_ids: list[str], nonmember_ids: list[str],
-                     members: Features | None = None, member_ids: list[str] | None = None,
-                     seed: int = 0) -> CollectionAudit:
-    """The test on the model's features, and the blind guard: the same split-sample test of S's own
-    halves against V's on features that never touch the model."""
-    test = split_test(collection, nonmembers, collection_ids, nonmember_ids, members, member_ids, seed)
-    guard = split_test(collection_blind, nonmember_blind, collection_ids, nonmember_ids, seed=seed,
-                            with_share=False)
+def audit_collection(test: CollectionTest, collection_blind: Features, nonmember_blind: Features,
+                     collection_ids: list[str], nonmember_ids: list[str], seed: int = 0) -> CollectionAudit:
+    """The test on the model's view (:func:`members_test` or :func:`split_test`) beside the blind guard:
+    the split-sample test of S's own halves against V's on features that never touch the model."""
+    guard = split_test(collection_blind, nonmember_blind, collection_ids, nonmember_ids, seed=seed, with_share=False)
     return CollectionAudit(test, guard)

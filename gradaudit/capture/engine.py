@@ -112,12 +112,16 @@ class BatchResult:
     losses: torch.Tensor
     tokens: torch.Tensor
     token_offsets: torch.Tensor
+    base_tokens: torch.Tensor | None = None  # the same quantities under the base model (adapter off)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """What a run folder stores of the batch: "<weight>|<stat>" (B, d), "loss" (B,), "tokens"
-        (N_text, 8), "token_offsets" (B+1,), float32 (offsets int64), on the CPU."""
+        (N_text, 8), "token_offsets" (B+1,), and for an adapter "base_tokens" (N_text, 8), float32
+        (offsets int64), on the CPU."""
         out = {"loss": self.losses.float().cpu(), "tokens": self.tokens.float().cpu(),
                "token_offsets": self.token_offsets.cpu()}
+        if self.base_tokens is not None:
+            out["base_tokens"] = self.base_tokens.float().cpu()
         for target, s in self.stats.items():
             for key in STAT_KEYS:
                 value = getattr(s, key)
@@ -129,7 +133,8 @@ class BatchResult:
 def batch_stats(model, batch: dict, layout: Layout, targets: list[Target], refs: dict | None = None, *,
                 backend: str = "auto") -> BatchResult:
     """Per-sample slice statistics of every target for one batch, against ``refs[name]`` (R) if given,
-    and the logit baselines' per-token quantities from the same forward pass."""
+    and the logit baselines' per-token quantities from the same forward pass (and, for an adapter, from
+    its base model's)."""
     out: dict[str, SliceStats] = {}
     tokens: list = []
 
@@ -138,5 +143,18 @@ def batch_stats(model, batch: dict, layout: Layout, targets: list[Target], refs:
         ref = refs[target.name] if refs is not None else None
         out[target.name] = slice_stats(x, grad.to(x.dtype), offsets, ref, backend=backend)
 
+    base = _base_tokens(model, batch)
     losses = _backward(model, batch, targets, reduce, tokens)
-    return BatchResult(out, losses, *tokens)
+    return BatchResult(out, losses, *tokens, base_tokens=base)
+
+
+@torch.no_grad()
+def _base_tokens(model, batch: dict) -> torch.Tensor | None:
+    """For a model with a PEFT adapter, the baselines' per-token quantities of its base model (the adapter
+    switched off: one more forward pass, no backward), which a fine-tune's audit compares with the
+    fine-tuned model's (DESIGN.md §2.5: target-minus-base features). None for any other model."""
+    if not hasattr(model, "disable_adapter"):
+        return None
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with model.disable_adapter():
+        return token_quantities(model(**inputs).logits, batch["labels"])[0]

@@ -54,6 +54,7 @@ def _collection_section(result: dict, audit: CollectionAudit, figure_path: Calla
     image = _figure(held_out, figure_path("collection"))
     rows = "".join(
         f"<tr><td>{html.escape(f['feature'])}</td><td>{f['weight']:+.3f}</td><td>{f['held_out_auroc']:.3f}</td></tr>"
+        if "weight" in f else f"<tr><td>{html.escape(f['feature'])}</td><td>—</td><td>{f['held_out_auroc']:.3f}</td></tr>"
         for f in t.features)
 
     def line(name, x):
@@ -62,20 +63,25 @@ def _collection_section(result: dict, audit: CollectionAudit, figure_path: Calla
 
     n_left = c["tested_pairs_left_out_as_reference_pairs"]
     left_out = f", {n_left} of them left out as reference pairs" if n_left else ""
-    fit_sizes = ", ".join(f"{v} {k.replace('nonmembers', 'known non-members').replace('members', 'known members')}"
-                          for k, v in t.n_fit.items())
+    if t.design == "known members":
+        how = (f"The per-pair method was cross-validated and chosen on {t.n_fit['members']} known members against "
+               f"{t.n_fit['nonmembers']} of the known non-members; it scored the collection and the other "
+               f"{t.n_test['nonmembers']} known non-members, which no fit saw.")
+    else:
+        how = (f"No known members: an aggregator over every per-pair feature (the logit baselines, per-layer gradient "
+               f"norms and cosines with R) was fitted on {t.n_fit['collection']} pairs of the collection against "
+               f"{t.n_fit['nonmembers']} known non-members, and scored the other halves, which it never saw.")
     return f"""<h2>Was this collection used?</h2>
 <p>The collection (set “{html.escape(c['set'])}”, {c['pairs']} pairs{left_out}) against
 {c['nonmembers']} known non-members, which you vouch are drawn like the collection's unused pairs: the
-comparison means something only if they are. An aggregator over every per-pair feature (the logit baselines,
-per-layer gradient norms and cosines with R) was fitted on {fit_sizes} ({html.escape(t.design)}), then scored
-pairs it never saw; a one-sided Mann–Whitney test asks whether the collection's scores exceed the
-non-members'. The blind guard runs the same test on {html.escape(c['blind_features'])}, which never touch the
-model: if it separates them, they differ by distribution and no conclusion about training is drawn.</p>
+comparison means something only if they are. {how} Then a one-sided Mann–Whitney test asks whether the
+collection's held-out scores exceed the held-out non-members'. The blind guard runs the same test on
+{html.escape(c['blind_features'])}, which never touch the model: if it separates them, they differ by
+distribution and no conclusion about training is drawn.</p>
 <table><tr><th>test</th><th>p-value</th><th>held-out AUROC [95% CI]</th><th>tested: collection / non-members</th></tr>
 {line("the model's features", t)}{line("blind guard (no model)", g)}</table>
-<h3>Features that carried the aggregator</h3><table><tr><th>feature</th><th>weight (standardised)</th>
-<th>held-out AUROC alone</th></tr>{rows}</table>
+<h3>What carried the signal</h3><table><tr><th>score or feature</th><th>weight (standardised)</th>
+<th>held-out AUROC, collection against non-members</th></tr>{rows}</table>
 <h3>Held-out aggregator scores</h3><img src='data:image/png;base64,{image}'>"""
 
 

@@ -56,7 +56,7 @@ def _non_finite(chunk: dict[str, torch.Tensor], ids: list[str]) -> list[str]:
             continue
         finite = torch.isfinite(value)
         rows = ~(finite.flatten(1).all(1) if finite.dim() > 1 else finite)
-        if key == "tokens":
+        if key in ("tokens", "base_tokens"):
             owner = torch.searchsorted(chunk["token_offsets"][1:], torch.arange(len(value)), right=True)
             bad[owner[rows]] = True
         else:
@@ -71,7 +71,7 @@ class StoredSet:
     ``schema.STAT_KEYS``; R's squared slice norms ``ref_row_sq[weight]`` (d_out,), ``ref_col_sq[weight]``
     (d_in,); ``n_ref`` the members that built R and ``in_ref`` (n,) which of these pairs were among them;
     ``loss`` (n,), ``tokens`` (N_text, 8) in the order of ``schema.TOKEN_FIELDS`` with ``token_offsets``
-    (n+1,)."""
+    (n+1,), and for a model with an adapter ``base_tokens`` (N_text, 8), the same under its base model."""
 
     ids: list[str]
     texts: list[str]
@@ -85,6 +85,7 @@ class StoredSet:
     loss: np.ndarray
     tokens: np.ndarray
     token_offsets: np.ndarray
+    base_tokens: np.ndarray | None = None  # the same quantities under an adapter's base model
 
 
 class RunFolder:
@@ -334,6 +335,9 @@ class RunFolder:
             offsets.append(chunk.pop("token_offsets")[1:] + offsets[-1][-1])
             for k, v in chunk.items():
                 parts.setdefault(k, []).append(v)
+        if len({len(v) for v in parts.values()}) > 1:  # e.g. base_tokens in some chunks only
+            raise RunMismatch(f"{self.path}: the chunks of set {name!r} hold different quantities (captured by "
+                              "different versions of GradAudit); extract it again into a new set")
         out = {k: torch.cat(v) for k, v in parts.items()}
         out["token_offsets"] = torch.cat(offsets)
         return ids, out
@@ -387,7 +391,8 @@ class RunFolder:
             ref_row_sq={w: norms[f"{w}|row_sq"].double().numpy() for w in weights},
             ref_col_sq={w: norms[f"{w}|col_sq"].double().numpy() for w in weights},
             n_ref=len(ref_ids), in_ref=np.array([i in members for i in ids]),
-            loss=stats["loss"].numpy(), tokens=stats["tokens"].numpy(), token_offsets=stats["token_offsets"].numpy())
+            loss=stats["loss"].numpy(), tokens=stats["tokens"].numpy(), token_offsets=stats["token_offsets"].numpy(),
+            base_tokens=stats["base_tokens"].numpy() if "base_tokens" in stats else None)
 
     def record_skipped(self, name: str, records: list[dict]) -> None:
         if records:

@@ -5,8 +5,8 @@ embedded models is measured by benchmarks/eval_collection.py, not here."""
 import numpy as np
 import pytest
 
-from gradaudit.audit.collection import (Features, audit_collection, blind_features, model_features, split,
-                                        split_test, text_features)
+from gradaudit.audit.collection import (Features, audit_collection, blind_features, members_test, model_features,
+                                        split, split_test, text_features)
 from gradaudit.audit.method import SliceSet
 
 NAMES = [f"f{i}" for i in range(30)]
@@ -60,16 +60,36 @@ def test_tested_pairs_never_reach_the_fit():
     assert np.array_equal(first.scores["nonmembers"], second.scores["nonmembers"])
 
 
-def test_known_members_test_the_whole_collection_and_give_the_share():
+def _slices(rng, n, shift=0.0, extra_shift=0.0):
+    """Slice statistics of n pairs on two small weights: a member's gradient leans towards R by ``shift``,
+    its baselines by ``extra_shift``."""
+    shapes = {"w1": (6, 5), "w2": (4, 4)}
+    arrays = {"row_dot": {}, "row_sq": {}, "col_dot": {}, "col_sq": {}}
+    for w, (d_out, d_in) in shapes.items():
+        for axis, d in (("row", d_out), ("col", d_in)):
+            sq = rng.gamma(4.0, 1.0, (n, d))
+            arrays[f"{axis}_sq"][w] = sq
+            arrays[f"{axis}_dot"][w] = np.sqrt(sq) * (rng.standard_normal((n, d)) + shift)
+    extra = {"loss": rng.standard_normal(n) + extra_shift, "min_k_plus_plus": rng.standard_normal(n)}
+    return SliceSet(list(shapes), **arrays, ref_row_sq={w: np.ones(d) for w, (d, _) in shapes.items()},
+                    ref_col_sq={w: np.ones(d) for w, (_, d) in shapes.items()}, n_ref=50, extra=extra)
+
+
+def test_known_members_test_the_whole_collection_against_held_out_nonmembers_and_give_the_share():
+    from gradaudit.audit.per_pair import fit_reference
+
     rng = np.random.default_rng(2)
-    v, m = _features(rng, 300), _features(rng, 200, 1.0)
-    half = Features(NAMES, np.concatenate([_features(rng, 100, 1.0).values, _features(rng, 100).values]))
-    t = split_test(half, v, _ids("s", 200), _ids("v", 300), m, _ids("m", 200))
-    assert t.design == "known members" and t.n_test == {"collection": 200, "nonmembers": 150, "members": 100}
-    assert t.p_value < 1e-6 and t.share["kind"] == "estimate"
-    assert t.share["ci"][0] <= 0.5 <= t.share["ci"][1] and abs(t.share["estimate"] - 0.5) < 0.2
-    nobody = split_test(_features(rng, 200), v, _ids("s", 200), _ids("v", 300), m, _ids("m", 200))
-    assert nobody.p_value > 0.05 and nobody.share["ci"][0] < 0.2
+    m, v_fit, v_test = _slices(rng, 80, 0.3, 0.3), _slices(rng, 80), _slices(rng, 150)
+    fit = fit_reference(m, v_fit, _ids("m", 80), _ids("f", 80), folds=3)
+    half = SliceSet.concat(_slices(rng, 100, 0.3, 0.3), _slices(rng, 100))
+    t = members_test(fit, half, _ids("s", 200), v_test, _ids("v", 150))
+    assert t.design == "known members" and t.n_test == {"collection": 200, "nonmembers": 150, "members": 80}
+    assert t.p_value < 1e-3 and t.share["kind"] == "estimate" and t.share["ci"][0] <= 0.5 <= t.share["ci"][1]
+    assert t.features[0]["feature"].startswith(f"per-pair method '{fit.method}'")
+    nobody = members_test(fit, _slices(rng, 200), _ids("s", 200), v_test, _ids("v", 150))
+    assert nobody.p_value > 0.05 and nobody.share["ci"][0] < 0.3
+    with pytest.raises(ValueError, match="reference pairs"):
+        members_test(fit, half, _ids("m", 200), v_test, _ids("v", 150))
 
 
 def test_blind_guard_fires_when_texts_differ_without_the_model():
@@ -78,11 +98,11 @@ def test_blind_guard_fires_when_texts_differ_without_the_model():
     long = [" ".join(["a large blue circle on grey"] * int(k)) for k in rng.integers(2, 5, 300)]
     s_blind, v_blind = blind_features(short, None), blind_features(long, None)
     assert s_blind.names == ["text characters", "text words", "text zlib ratio", "text mean word length"]
-    result = audit_collection(_features(rng, 200), _features(rng, 300), s_blind, v_blind, _ids("s", 200), _ids("v", 300))
+    test = split_test(_features(rng, 200), _features(rng, 300), _ids("s", 200), _ids("v", 300))
+    result = audit_collection(test, s_blind, v_blind, _ids("s", 200), _ids("v", 300))
     assert result.guard_fired and result.guard.p_value < 1e-10
     same = blind_features(long[:200], None)
-    assert not audit_collection(_features(rng, 200), _features(rng, 300), same, v_blind, _ids("s", 200),
-                                _ids("v", 300)).guard_fired
+    assert not audit_collection(test, same, v_blind, _ids("s", 200), _ids("v", 300)).guard_fired
     summary = result.summary()
     assert summary["blind_guard"]["fired"] and "share" not in summary["blind_guard"]
 

@@ -154,6 +154,26 @@ def test_lora_model_engine_equals_paper_loop():
     _engine_equals_paper_loop(model, processor, "lora", "cpp", "cpu")
 
 
+def test_adapter_records_its_base_models_token_quantities():
+    """With a PEFT adapter, the capture also records the baselines' per-token quantities with the adapter
+    switched off: equal to those of the base model alone, and not to the fine-tune's."""
+    from peft import LoraConfig, get_peft_model
+
+    from gradaudit.capture.losses import token_quantities
+
+    base, processor = tiny_llava(seed=2)
+    batch = _batch(base, processor, [0, 1, 3])
+    with torch.no_grad():
+        want = token_quantities(base(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"])[0]
+    lora = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=r".*language_model.*\.q_proj")
+    model = freeze(get_peft_model(base, lora).eval())
+    result = batch_stats(model, batch, batch_layout(model, batch), select_targets(model, "lora"))
+    torch.testing.assert_close(result.base_tokens, want)
+    assert not torch.allclose(result.tokens, want) and result.tensors()["base_tokens"].shape == want.shape
+    plain = batch_stats(base, batch, batch_layout(base, batch), select_targets(base, "paper"))
+    assert plain.base_tokens is None and "base_tokens" not in plain.tensors()
+
+
 def test_paper_preset_picks_the_blocks_that_reach_the_loss(llava):
     model, _ = llava
     names = [t.name for t in select_targets(model, "paper")]
