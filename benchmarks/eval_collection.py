@@ -34,8 +34,9 @@ import numpy as np
 from scipy.stats import binomtest, mannwhitneyu
 
 from gradaudit import workflow
-from gradaudit.audit.collection import Features, blind_features, model_features, split_test
+from gradaudit.audit.collection import GUARD_ALPHA, Features, blind_features, members_test, model_features, split_test
 from gradaudit.audit.method import GradAudit
+from gradaudit.audit.per_pair import fit_reference
 from gradaudit.capture import run_extract
 from gradaudit.store import RunFolder, read_manifest, write_pairs
 from gradaudit.store.manifest import IMAGE_STATS
@@ -46,39 +47,37 @@ from gradaudit.toy.scenarios import TRAININGS, Corpus, prepare_corpus, train_mod
 SCENARIOS = [f"{t}-{c}" for t in TRAININGS for c in KINDS]
 SHARES = (1.0, 0.5, 0.1)
 SIZES_N = (50, 100, 200, 400)
-V_SIZE, NULL_SIZE, KNOWN_MEMBERS, PAPER_NONMEMBERS = 500, 200, 200, 100
-SINGLE = ("loss", "min_k_plus_plus", "paper")
+KNOWN_MEMBERS, PAPER_NONMEMBERS, V_FIT = 200, 100, 250  # V of 500: 250 fit (fixed), 250 tested (drawn)
+V_SIZE, NULL_SIZE = 500, 200
+SINGLE = ("loss", "min_k_plus_plus", "paper", "loss_vs_base")
 
 
 def capture(root: str, model: dict, corpus: str, size: str, device: str, batch_size: int) -> str:
     """One run folder: R from half of the first 200 members (the other half: set reference_members),
-    non-members 0–99 (set paper_nonmembers), the member and non-member pools."""
+    non-members 0–99 (set paper_nonmembers), 100–349 (set v_fit: the half of V the known-members test
+    fits on), and the pools."""
     data = prepare_corpus(root, corpus, size, Corpus())
     members, nonmembers = (read_manifest(data[k])[0] for k in ("members", "nonmembers"))
     run = os.path.join(root, "eval-collection", os.path.basename(model["adapter"] or model["model"]))
-    folder = RunFolder(run)
     manifests = os.path.join(root, "eval-collection", "manifests-" + os.path.basename(run))
     sets = {"known_members": members[:KNOWN_MEMBERS], "paper_nonmembers": nonmembers[:PAPER_NONMEMBERS],
-            "member_pool": members[KNOWN_MEMBERS:], "nonmember_pool": nonmembers[PAPER_NONMEMBERS:]}
+            "v_fit": nonmembers[PAPER_NONMEMBERS:PAPER_NONMEMBERS + V_FIT], "member_pool": members[KNOWN_MEMBERS:],
+            "nonmember_pool": nonmembers[PAPER_NONMEMBERS + V_FIT:]}
     paths = {k: write_pairs(os.path.join(manifests, f"{k}.jsonl"), v) for k, v in sets.items()}
     opts = dict(adapter=model["adapter"], preset="paper", batch_size=batch_size, device=device, progress=False,
                 allow_outside=True, prompt_format=FORMAT.spec)
     workflow.reference(model["model"], paths["known_members"], run, split=True, **opts)
-    for name in ("paper_nonmembers", "member_pool", "nonmember_pool"):
+    for name in ("paper_nonmembers", "v_fit", "member_pool", "nonmember_pool"):
         run_extract(model["model"], paths[name], run, name, **opts)
-    return folder.path
+    return run
 
 
 def stored(run: str, name: str) -> dict:
-    """A set's ids, model features, blind features and single scores."""
-    folder = RunFolder(run)
+    """A set's ids, slice statistics, model features, blind features and single scores."""
     audited = workflow.load_set(run, name)
     return {"ids": audited.ids, "pairs": audited.pairs, "model": model_features(audited.pairs),
-            "blind": blind_features(audited.texts, folder.image_stats(name), IMAGE_STATS)}
-
-
-def _rows(f: Features, index) -> Features:
-    return f.rows(np.asarray(index))
+            "blind": blind_features(audited.texts, RunFolder(run).image_stats(name), IMAGE_STATS),
+            **{k: audited.pairs.extra[k] for k in SINGLE if k in audited.pairs.extra}}
 
 
 def draw(rng, pools: dict, n: int, share: float, v_size: int):
@@ -89,25 +88,13 @@ def draw(rng, pools: dict, n: int, share: float, v_size: int):
     return rng.choice(len(pools["member_pool"]["ids"]), k, replace=False), rest[:n - k], v
 
 
-def _stack(parts: list[tuple[dict, np.ndarray]], key: str):
+def _pick(pools: dict, m_idx, n_idx, key: str):
+    parts = [(pools["member_pool"], m_idx), (pools["nonmember_pool"], n_idx)]
     if key in ("model", "blind"):
         return Features(parts[0][0][key].names, np.concatenate([p[key].values[i] for p, i in parts]))
     if key == "ids":
         return [p["ids"][j] for p, i in parts for j in i]
     return np.concatenate([p[key][i] for p, i in parts])
-
-
-def audit_draw(pools, known, m_idx, n_idx, v_idx, with_members: bool, seed: int):
-    s_parts = [(pools["member_pool"], m_idx), (pools["nonmember_pool"], n_idx)]
-    v_parts = [(pools["nonmember_pool"], v_idx)]
-    s_model, v_model = _stack(s_parts, "model"), _stack(v_parts, "model")
-    s_ids, v_ids = _stack(s_parts, "ids"), _stack(v_parts, "ids")
-    test = split_test(s_model, v_model, s_ids, v_ids, known["model"] if with_members else None,
-                      known["ids"] if with_members else None, seed=seed, with_share=with_members)
-    guard = split_test(_stack(s_parts, "blind"), _stack(v_parts, "blind"), s_ids, v_ids, seed=seed, with_share=False)
-    singles = {k: float(mannwhitneyu(_stack(s_parts, k), _stack(v_parts, k), alternative="greater").pvalue)
-               for k in SINGLE}
-    return test, guard, singles
 
 
 def rate(hits: int, n: int) -> dict:
@@ -117,50 +104,72 @@ def rate(hits: int, n: int) -> dict:
 
 def evaluate(run: str, root: str, corpus: str, size: str, args) -> dict:
     pools = {k: stored(run, k) for k in ("member_pool", "nonmember_pool")}
-    known = stored(run, "reference_members")
+    known, v_fit = stored(run, "reference_members"), stored(run, "v_fit")
+    singles = [k for k in SINGLE if k == "paper" or k in pools["member_pool"]]
     paper = GradAudit().fit(known["pairs"], workflow.load_set(run, "paper_nonmembers").pairs)
+    # the known-members test's fit, made once (V's fitting half is fixed; S and V's tested half are drawn):
+    # every pool pair is scored once, as members_test scores it (the mean of the fold models)
+    fit = fit_reference(known["pairs"], v_fit["pairs"], known["ids"], v_fit["ids"], seed=args.seed)
+    v_fit["paper"] = paper.score_samples(v_fit["pairs"])
     for pool in pools.values():
         pool["paper"] = paper.score_samples(pool["pairs"])
-        pool["loss"], pool["min_k_plus_plus"] = (pool["pairs"].extra[k] for k in ("loss", "min_k_plus_plus"))
+        pool["gradaudit"] = fit.chosen.score_probes(pool["pairs"], np.full(len(pool["ids"]), -1))
     rng = np.random.default_rng(args.seed)
-    out = {"validity": {}, "power": {}, "shifted": {}}
+    out = {"fit": {"method": fit.method, "cross_validated_auroc": fit.chosen.auroc}, "validity": {}, "power": {},
+           "shifted": {}}
     t0 = time.time()
-    for with_members in (True, False):
+    for design in ("known members", "split collection"):
         ps, guards = [], []
         for r in range(args.null_draws):
-            m_idx, n_idx, v_idx = draw(rng, pools, NULL_SIZE, 0.0, V_SIZE)
-            test, guard, _ = audit_draw(pools, known, m_idx, n_idx, v_idx, with_members, seed=r)
-            ps.append(test.p_value)
-            guards.append(guard.p_value)
+            m_idx, n_idx, v_idx = draw(rng, pools, NULL_SIZE, 0.0, V_SIZE - V_FIT if design == "known members" else V_SIZE)
+            s_ids, v_ids = _pick(pools, m_idx, n_idx, "ids"), _pick(pools, [], v_idx, "ids")
+            if design == "known members":
+                p = float(mannwhitneyu(_pick(pools, m_idx, n_idx, "gradaudit"), _pick(pools, [], v_idx, "gradaudit"),
+                                       alternative="greater").pvalue)
+                if r == 0:  # the same p-value as the shipped test's on this draw
+                    pool = pools["nonmember_pool"]["pairs"]  # a null collection: non-members only
+                    shipped = members_test(fit, pool.subset(n_idx), s_ids, pool.subset(v_idx), v_ids)
+                    assert abs(shipped.p_value - p) < 1e-12, (shipped.p_value, p)
+            else:
+                p = split_test(_pick(pools, m_idx, n_idx, "model"), _pick(pools, [], v_idx, "model"), s_ids, v_ids,
+                               seed=r, with_share=False).p_value
+            guard = split_test(_pick(pools, m_idx, n_idx, "blind"), _pick(pools, [], v_idx, "blind"), s_ids, v_ids,
+                               seed=r, with_share=False).p_value
+            ps.append(p)
+            guards.append(guard)
         ps, guards = np.array(ps), np.array(guards)
-        out["validity"]["known members" if with_members else "split collection"] = {
+        out["validity"][design] = {
             "p_below_0.05": rate(int((ps < 0.05).sum()), len(ps)), "p_below_0.01": rate(int((ps < 0.01).sum()), len(ps)),
-            "guard_fired": rate(int((guards < 0.05).sum()), len(guards)), "p_values": ps.tolist()}
-        print(f"  validity ({'known members' if with_members else 'split collection'}): "
-              f"{(ps < 0.05).mean():.3f} of {len(ps)} below 0.05 ({time.time() - t0:.0f} s)", flush=True)
+            "guard_fired": rate(int((guards < GUARD_ALPHA).sum()), len(guards)), "p_values": ps.tolist()}
+        print(f"  validity ({design}): {(ps < 0.05).mean():.3f} of {len(ps)} below 0.05, guard "
+              f"{(guards < GUARD_ALPHA).mean():.3f} ({time.time() - t0:.0f} s)", flush=True)
     for share in SHARES:
         for n in SIZES_N:
-            hits = {"gradaudit": 0, **{k: 0 for k in SINGLE}}
-            shares = []
+            hits = dict.fromkeys(("gradaudit", *singles), 0)
+            guard_fired = 0
             for r in range(args.power_draws):
-                m_idx, n_idx, v_idx = draw(rng, pools, n, share, V_SIZE)
-                test, guard, singles = audit_draw(pools, known, m_idx, n_idx, v_idx, True, seed=r)
-                hits["gradaudit"] += test.p_value < 0.01
-                for k, p in singles.items():
-                    hits[k] += p < 0.01
-                if test.share and test.share["kind"] == "estimate":
-                    shares.append(test.share["estimate"])
+                # V: its fixed fitting half and a drawn tested half (the known-members test sees that half only)
+                m_idx, n_idx, tested = draw(rng, pools, n, share, V_SIZE - V_FIT)
+                hits["gradaudit"] += mannwhitneyu(_pick(pools, m_idx, n_idx, "gradaudit"),
+                                                  _pick(pools, [], tested, "gradaudit"), alternative="greater").pvalue < 0.01
+                for k in singles:  # a single score needs no fit: all of S against all of V (500)
+                    v_all = np.concatenate([_pick(pools, [], tested, k), v_fit[k]])
+                    hits[k] += mannwhitneyu(_pick(pools, m_idx, n_idx, k), v_all, alternative="greater").pvalue < 0.01
+                if share == 1.0:  # the blind guard on i.i.d. members: it should fire as often as on nulls
+                    guard_fired += split_test(_pick(pools, m_idx, n_idx, "blind"), _pick(pools, [], tested, "blind"),
+                                              _pick(pools, m_idx, n_idx, "ids"), _pick(pools, [], tested, "ids"),
+                                              seed=r, with_share=False).p_value < GUARD_ALPHA
             out["power"][f"{share}-{n}"] = {"share": share, "n": n, "draws": args.power_draws,
                                             "detected": {k: v / args.power_draws for k, v in hits.items()},
-                                            "share_estimate_median": float(np.median(shares)) if shares else None}
+                                            "guard_fired": guard_fired / args.power_draws if share == 1.0 else None}
             print(f"  power share {share} n {n}: " + ", ".join(f"{k} {v / args.power_draws:.2f}" for k, v in hits.items())
                   + f" ({time.time() - t0:.0f} s)", flush=True)
     out["smallest_n_80"] = {
         str(share): {k: next((n for n in SIZES_N if out["power"][f"{share}-{n}"]["detected"][k] >= 0.8), None)
-                     for k in ("gradaudit", *SINGLE)} for share in SHARES}
+                     for k in ("gradaudit", *singles)} for share in SHARES}
     # the shifted protocol: V in another voice; the blind guard reads the manifests (no capture needed)
     shifted = read_manifest(prepare_corpus(root, corpus, size, Corpus())["nonmembers_shifted"])[0]
-    shifted = shifted[PAPER_NONMEMBERS:]
+    shifted = shifted[PAPER_NONMEMBERS + V_FIT:]
     v_blind = blind_features([p.text for p in shifted], np.array([p.image_statistics() for p in shifted]), IMAGE_STATS)
     v_ids = [p.id + "~shifted" for p in shifted]
     for side, pool in (("members", "member_pool"), ("plain non-members", "nonmember_pool")):
@@ -168,9 +177,9 @@ def evaluate(run: str, root: str, corpus: str, size: str, args) -> dict:
         for r in range(args.shifted_draws):
             s = rng.choice(len(pools[pool]["ids"]), NULL_SIZE, replace=False)
             v = rng.choice(len(shifted), V_SIZE, replace=False)
-            guard = split_test(_rows(pools[pool]["blind"], s), _rows(v_blind, v), [pools[pool]["ids"][i] for i in s],
+            guard = split_test(pools[pool]["blind"].rows(s), v_blind.rows(v), [pools[pool]["ids"][i] for i in s],
                                [v_ids[i] for i in v], seed=r, with_share=False)
-            fired += guard.p_value < 0.05
+            fired += guard.p_value < GUARD_ALPHA
         out["shifted"][side] = rate(int(fired), args.shifted_draws)
     out["seconds"] = round(time.time() - t0, 1)
     return out
@@ -187,21 +196,37 @@ def markdown(report: dict) -> str:
             a, b, g = v["p_below_0.05"], v["p_below_0.01"], v["guard_fired"]
             lines.append(f"| {name} | {design} | {a['rate']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] ({a['hits']}/"
                          f"{a['draws']}) | {b['rate']:.3f} | {g['rate']:.3f} |")
+    singles = [k for k in SINGLE if any(k in p["detected"] for sc in report["scenarios"].values()
+                                        for p in sc["power"].values())]
+
+    def cell(row, k, fmt):
+        return "—" if row.get(k) is None else fmt(row[k])
+
     lines += ["", "## Power: share of draws detected at p < 0.01 (V of 500)", "",
-              "| scenario | members | n | GradAudit | loss | Min-K%++ | paper | share estimate (median) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "GradAudit: the known-members collection test (the per-pair method fitted on 100 known members and "
+              "250 of V, S tested against the other 250); single scores: all of S against all 500 of V, nothing "
+              "fitted (`loss_vs_base`: the fine-tune's loss minus its base model's, adapters only).", "",
+              "| scenario | fit | members | n | GradAudit | " + " | ".join(singles) + " |",
+              "|---|---|---|---|---|" + "---|" * len(singles)]
     for name, sc in report["scenarios"].items():
-        for key, p in sc["power"].items():
+        fit = f"{sc['fit']['method']} ({sc['fit']['cross_validated_auroc']:.2f})"
+        for p in sc["power"].values():
             d = p["detected"]
-            est = "—" if p["share_estimate_median"] is None else f"{p['share_estimate_median']:.2f}"
-            lines.append(f"| {name} | {100 * p['share']:.0f}% | {p['n']} | {d['gradaudit']:.2f} | {d['loss']:.2f} | "
-                         f"{d['min_k_plus_plus']:.2f} | {d['paper']:.2f} | {est} |")
+            lines.append(f"| {name} | {fit} | {100 * p['share']:.0f}% | {p['n']} | {d['gradaudit']:.2f} | "
+                         + " | ".join(cell(d, k, lambda x: f"{x:.2f}") for k in singles) + " |")
     lines += ["", "## Smallest collection detected in ≥ 80% of draws (of the sizes tried; — = none)", "",
-              "| scenario | members | GradAudit | loss | Min-K%++ | paper |", "|---|---|---|---|---|---|"]
+              "| scenario | members | GradAudit | " + " | ".join(singles) + " |",
+              "|---|---|---|" + "---|" * len(singles)]
     for name, sc in report["scenarios"].items():
         for share, row in sc["smallest_n_80"].items():
-            cells = ["—" if row[k] is None else str(row[k]) for k in ("gradaudit", *SINGLE)]
-            lines.append(f"| {name} | {100 * float(share):.0f}% | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {100 * float(share):.0f}% | {cell(row, 'gradaudit', str)} | "
+                         + " | ".join(cell(row, k, str) for k in singles) + " |")
+    lines += ["", "## The blind guard on i.i.d. collections of members (it should fire no more than on nulls)", "",
+              "| scenario | n | guard fired |", "|---|---|---|"]
+    for name, sc in report["scenarios"].items():
+        for p in sc["power"].values():
+            if p.get("guard_fired") is not None:
+                lines.append(f"| {name} | {p['n']} | {p['guard_fired']:.2f} |")
     lines += ["", "## Shifted protocol: the blind guard (V = non-members in another voice)", "",
               "| scenario | S | guard fired |", "|---|---|---|"]
     for name, sc in report["scenarios"].items():
