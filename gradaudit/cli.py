@@ -276,7 +276,7 @@ def _analysis_step(args, workflow) -> int:
     folder = RunFolder(args.run)
     collection = None
     if args.command in ("evaluate", "report") and args.name not in ("reference_members", "reference_nonmembers"):
-        collection = workflow.collection(args.run, args.name)  # the set as a collection, against the known non-members
+        collection = workflow.collection(args.run, args.name, args.method, args.folds)  # the set as a collection, against the known non-members
         if not folder.has_set("reference_members"):  # no known members: the collection audit alone
             result = workflow.write_outputs(args.run, None, None, collection=collection)
             print(verdict(result))

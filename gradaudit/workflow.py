@@ -52,6 +52,7 @@ from gradaudit.audit.collection import (CollectionAudit, audit_collection, blind
                                         split, split_test)
 from gradaudit.audit.method import SliceSet
 from gradaudit.audit.per_pair import Evaluation, Fit, ScoredSet
+from gradaudit.audit.protocol import min_pairs
 from gradaudit.audit.variants import VARIANTS
 from gradaudit.capture import Options, run_extract, run_reference
 from gradaudit.errors import ConfigError, ManifestError, ManifestsError, OptionError
@@ -265,10 +266,12 @@ def context(run: str) -> dict:
             "selection": len(recorded["targets"]), "run": run}
 
 
-def collection(run: str, name: str = "probes", seed: int = 0) -> tuple[CollectionAudit, dict]:
+def collection(run: str, name: str = "probes", method: str = "auto", folds: int = 5,
+               seed: int = 0) -> tuple[CollectionAudit, dict]:
     """Was set ``name`` (the collection S) used to train the model? The collection audit
     (``audit.collection``) against the known non-members (set reference_nonmembers, V). With known
-    members (set reference_members, M), the per-pair method is cross-validated and chosen on M against one
+    members (set reference_members, M), the per-pair method (``method``, ``folds``: as the per-pair fit's) is
+    cross-validated and chosen on M against one
     half of V, and S is tested against the other half; without them, an aggregator of per-pair features
     fits half of S against half of V. Pairs of S that are also reference pairs are left out of S's test
     (a pair a fit saw must not be tested). Returns the audit and what the report says of its inputs."""
@@ -284,9 +287,16 @@ def collection(run: str, name: str = "probes", seed: int = 0) -> tuple[Collectio
     v_blind = blind_features(v.texts, images["reference_nonmembers"] if with_images else None, IMAGE_STATS)
     if m is not None:
         v_fit = split(v.ids, seed=seed)
+        need = min_pairs(folds)
+        if len(m.ids) < need or int(v_fit.sum()) < need:
+            raise ConfigError(
+                f"the collection test fits the per-pair method on the known members ({len(m.ids)} in set "
+                f"reference_members) against half of the known non-members ({int(v_fit.sum())} of {len(v.ids)}); "
+                f"{folds}-fold cross-validation needs at least {need} of each: give at least {need} known members "
+                f"(twice that before the split of gradaudit audit) and {2 * need} known non-members, or fewer folds")
         v_test = np.flatnonzero(~v_fit)
         fitted = per_pair.fit_reference(m.pairs, v.pairs.subset(v_fit), m.ids,
-                                        [i for i, f in zip(v.ids, v_fit) if f], seed=seed)
+                                        [i for i, f in zip(v.ids, v_fit) if f], method, folds, seed)
         held_out = v.pairs.subset(v_test)
         test = members_test(fitted, s_pairs, s_ids, held_out, [v.ids[i] for i in v_test],
                             (model_features(s_pairs), model_features(held_out)), seed)
@@ -457,7 +467,7 @@ def _audit(cfg: AuditConfig, config_path: str, progress: bool) -> dict:
         shuffled = association_manifest(cfg.data["probes"], cfg.run, cfg.option("on_error"), cfg.option("allow_outside"))
         with _named_after_sources({shuffled: cfg.data["probes"]}):
             run_extract(cfg.model, shuffled, cfg.run, "shuffled", **dict(capture, allow_outside=True))
-    audited = collection(cfg.run, "probes")
+    audited = collection(cfg.run, "probes", cfg.option("method"), cfg.option("folds"))
     if not with_members:
         return write_outputs(cfg.run, None, None, collection=audited, config=os.path.abspath(config_path))
     fitted = fit(cfg.run, cfg.option("method"), cfg.option("folds"))

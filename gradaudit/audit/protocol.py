@@ -69,11 +69,22 @@ class Estimate:
                    arrays[f"{prefix}fold"])
 
 
+def min_pairs(folds: int) -> int:
+    """The fewest pairs of each class that ``folds``-fold cross-validation of every variant can fit: one
+    per fold, and 3 in every training fold (the combined head stacks over 3 inner folds, each of whose
+    training parts needs 2 of a class for its logistic regression's own inner cross-validation)."""
+    n = folds
+    while n - -(-n // folds) < 3:
+        n += 1
+    return n
+
+
 def cross_validate(members: SliceSet, nonmembers: SliceSet, variants=tuple(VARIANTS), folds: int = 5,
                    seed: int = 0) -> dict[str, Estimate]:
     """Out-of-fold estimates of each variant, everything refitted inside every fold."""
-    if members.num_pairs < folds or nonmembers.num_pairs < folds:
-        raise ValueError(f"{folds}-fold cross-validation needs at least {folds} members and non-members; "
+    need = min_pairs(folds)
+    if members.num_pairs < need or nonmembers.num_pairs < need:
+        raise ValueError(f"{folds}-fold cross-validation needs at least {need} members and {need} non-members; "
                          f"got {members.num_pairs} and {nonmembers.num_pairs}")
     n_m = members.num_pairs
     fold = stratified_folds(n_m, nonmembers.num_pairs, folds, seed)

@@ -156,5 +156,12 @@ def _base_tokens(model, batch: dict) -> torch.Tensor | None:
     if not hasattr(model, "disable_adapter"):
         return None
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with model.disable_adapter():
-        return token_quantities(model(**inputs).logits, batch["labels"])[0]
+    # PEFT switches the adapter back on with requires_grad=True on its weights; the capture runs with
+    # every weight frozen (no weight gradients), so the flags are put back as they were.
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with model.disable_adapter():
+            return token_quantities(model(**inputs).logits, batch["labels"])[0]
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

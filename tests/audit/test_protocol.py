@@ -71,6 +71,22 @@ def test_too_few_pairs():
         cross_validate(members, nonmembers)
 
 
+@pytest.mark.parametrize("folds", [2, 3, 4, 5])
+def test_min_pairs_is_the_least_every_variant_fits(folds):
+    """min_pairs(folds) of each class fit every variant (the combined head's nested folds included); one
+    fewer is refused with the count, never sent on to scikit-learn."""
+    from gradaudit.audit.protocol import min_pairs
+
+    need = min_pairs(folds)
+    for seed in range(3):
+        members, nonmembers = _reference(signal=0.5, n=need, seed=seed)
+        members.extra, nonmembers.extra = {"loss": np.arange(need) + 1.0}, {"loss": np.arange(need) + 0.5}
+        cross_validate(members, nonmembers, folds=folds, seed=seed)
+    members, nonmembers = _reference(signal=0.5, n=need - 1)
+    with pytest.raises(ValueError, match=f"at least {need} members"):
+        cross_validate(members, nonmembers, folds=folds)
+
+
 def test_row_space_coordinates_give_the_same_l2_logistic_fit():
     """p ≫ n: the penalised fit on the row-space coordinates equals the fit on the raw features."""
     from sklearn.linear_model import LogisticRegression

@@ -27,7 +27,7 @@ def _text(i):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("options")
-    save_llava_folder(root, n_images=24, image_seed=5)
+    save_llava_folder(root, n_images=34, image_seed=5)
     return root
 
 
@@ -115,7 +115,7 @@ def test_images_outside_the_folder_need_the_flag(saved, tmp_path, capsys):
 
 def _audit(saved, name, members, probes, options=""):
     _manifest(saved / f"{name}_members.jsonl", members)
-    _manifest(saved / f"{name}_nonmembers.jsonl", [_pair(i) for i in range(8, 14)])
+    _manifest(saved / f"{name}_nonmembers.jsonl", [_pair(i) for i in range(16, 28)])  # 2 × 6, collection_test's least
     _manifest(saved / f"{name}_probes.jsonl", probes)
     config = saved / f"{name}.toml"
     config.write_text(f'model = "model"\nrun = "run_{name}"\n[data]\nreference_members = "{name}_members.jsonl"\n'
@@ -129,7 +129,7 @@ def test_audit_names_the_users_file_and_line_of_a_pair_found_too_long_later(save
     wrote to its run folder: the error still names the user's file and line, and the file's key."""
     members = [_pair(i) for i in range(8)]
     members[4] = _pair(4, text=" ".join(["red"] * 400))  # line 5: among the builders of R
-    config = _audit(saved, "long", members, [_pair(i) for i in range(14, 20)])
+    config = _audit(saved, "long", members, [_pair(i) for i in range(28, 34)])
     assert _run("audit", config, "--no-progress") == 2
     err = capsys.readouterr().err
     assert f"{saved / 'long_members.jsonl'}: 1 bad line(s)" in err and "line 5 (id 'p4'): " in err
@@ -140,10 +140,10 @@ def test_audit_names_the_users_file_and_line_of_a_pair_found_too_long_later(save
 def test_audit_skips_bad_lines_reports_them_and_neutralises_ids(saved, capsys):
     """on_error = "skip": every bad line of the user's files is left out and recorded at its own line, the
     command says how many and where; an id that a spreadsheet would run is written as text."""
-    members = [_pair(i) for i in range(8)]
+    members = [_pair(i) for i in range(16)]  # half of the good ones known members: 2-fold fits need 6
     members[4] = _pair(4, text=" ".join(["red"] * 400))  # found by the capture: line 5
     members.insert(6, _pair(99, label=1.0))  # line 7: a float label
-    probes = [_pair(i, label=1) for i in range(3)] + [_pair(i, label=0) for i in range(14, 17)]
+    probes = [_pair(i, label=1) for i in range(3)] + [_pair(i, label=0) for i in range(28, 31)]
     probes[1]["id"] = "=HYPERLINK(\"http://x\")"
     probes.append({"id": "far", "image": "../elsewhere.png", "text": "t", "label": 0})  # line 7: outside
     config = _audit(saved, "skip", members, probes, 'on_error = "skip"\n')

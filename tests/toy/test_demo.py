@@ -7,7 +7,7 @@ import pytest
 
 from gradaudit.toy import demo
 from gradaudit.store.manifest import read_manifest, shuffled_texts
-from gradaudit.toy.scenarios import Corpus, audit_sets, prepare_corpus
+from gradaudit.toy.scenarios import Corpus, audit_sets, collection_sets, prepare_corpus
 
 
 def test_shuffled_texts_move_every_text_to_another_pair(tmp_path):
@@ -36,23 +36,40 @@ def test_audit_sets_keep_reference_and_probes_apart_and_protocols_differ_only_in
         audit_sets(str(tmp_path), "radiographs", "tiny", 10, 30, "iid", counts, pool=15)
 
 
+def test_collection_sets_are_disjoint_and_labelled(tmp_path):
+    counts = Corpus(40, 40, 5)
+    sets = {k: read_manifest(v, allow_outside=True)[0]
+            for k, v in collection_sets(str(tmp_path), "scenes", "tiny", 10, 15, 20, counts).items()}
+    ids = [{p.id for p in pairs} for pairs in sets.values()]
+    assert sum(map(len, ids)) == len(set().union(*ids)) == 10 + 15 + 20 + 20
+    assert {p.label for p in sets["used"]} == {1} and {p.label for p in sets["fresh"]} == {0}
+    corpus = {k: [p.id for p in read_manifest(v)[0]]
+              for k, v in prepare_corpus(str(tmp_path), "scenes", "tiny", counts).items()}
+    assert [p.id for p in sets["fresh"]] == corpus["nonmembers"][15:35]  # non-members after V
+    assert [p.id for p in sets["used"]] == corpus["members"][10:30]  # members after the known ones
+    with pytest.raises(ValueError, match="do not fit"):
+        collection_sets(str(tmp_path), "scenes", "tiny", 10, 25, 20, counts)
+
+
 def test_demo_end_to_end_then_cached(tmp_path, capfd):
-    args = ["--root", str(tmp_path), "--members", "160", "--reference", "40", "--probes", "60"]
+    args = ["--root", str(tmp_path), "--members", "160", "--reference", "40", "--nonmembers", "60",
+            "--collection", "50"]
     assert demo.main(args) == 0
     out = capfd.readouterr().out
-    with open(tmp_path / "run" / "results" / "probes" / "metrics.json") as f:
-        result = json.load(f)
-    ev = result["evaluation"]
-    assert result["probes"] == 120 and result["association"]["pairs"] == 60
-    # the table prints what the audit wrote
-    assert f"gradaudit                {ev['gradaudit']['auroc']:.3f}" in out
-    assert "Association: 60 member probes" in out and "true 50%" in out
-    assert f"{100 * result['exposure']['estimate']:.0f}%" in out
-    assert os.path.getsize(tmp_path / "run" / "results" / "probes" / "report.html") > 10_000
+    used, fresh = (json.loads((tmp_path / "run" / "results" / s / "metrics.json").read_text()) for s in ("probes", "fresh"))
+    for result in (used, fresh):
+        c = result["collection"]
+        assert c["pairs"] == 50 and c["nonmembers"] == 60 and c["test"]["design"] == "known members"
+    # the table and the verdicts print what the audits wrote
+    assert f"{used['collection']['test']['auroc']:.3f}" in out and f"{fresh['collection']['test']['auroc']:.3f}" in out
+    assert "used (all trained on)" in out and "fresh (none trained on)" in out and "\nused:  " in out
+    assert "gradaudit (per pair)" in out and "min_k_plus_plus" in out
+    for name in ("probes", "fresh"):
+        assert os.path.getsize(tmp_path / "run" / "results" / name / "report.html") > 10_000
     assert "training pretrain" in out and "training finetune" in out
-    # a second run finds data and models cached and audits afresh
+    # a second run finds data and models cached and audits afresh, to the same answer
     assert demo.main(args) == 0
     again = capfd.readouterr().out
     assert "training pretrain" not in again and "training finetune" not in again
     with open(tmp_path / "run" / "results" / "probes" / "metrics.json") as f:
-        assert json.load(f)["evaluation"]["gradaudit"]["auroc"] == ev["gradaudit"]["auroc"]
+        assert json.load(f)["collection"]["test"]["p_value"] == used["collection"]["test"]["p_value"]
