@@ -14,8 +14,8 @@ FLOORS = {
     # the package root loads nothing eagerly (its public names come from gradaudit.ops on first use)
     "gradaudit": 0, "gradaudit.errors": 0, "gradaudit.schema": 0, "gradaudit.kernels": 0, "gradaudit._C": 0,
     "gradaudit.ops": 1,
-    "gradaudit.store": 2,
-    "gradaudit.models": 3,
+    "gradaudit.store": 2, "gradaudit.grads": 2,
+    "gradaudit.models": 3, "gradaudit.integrations": 3,
     "gradaudit.capture": 4,
     "gradaudit.audit": 5,
     "gradaudit.report": 6,

@@ -1,9 +1,9 @@
 """Capture engine: per-sample slice statistics of selected linear layers without weight gradients.
 
-Every parameter is frozen; a forward pre-hook makes each selected layer's input require grad where
-nothing below it does, so backward computes activation gradients only and stops below the lowest
-selected layer. A forward hook keeps each selected layer's input; a hook on its output receives
-Δ = ∂L/∂y in backward, where L = Σ_b L_b sums the per-sample mean text-token losses, so that Δ restricted
+Every parameter is frozen; the hooks of ``gradaudit.grads.LayerHooks`` (the package's one hook
+mechanism) make each selected layer's input require grad where nothing below it does, so backward
+computes activation gradients only and stops below the lowest selected layer; they keep each selected
+layer's input and receive Δ = ∂L/∂y in backward, where L = Σ_b L_b sums the per-sample mean text-token losses, so that Δ restricted
 to sample b's positions is exactly ∂L_b/∂y. The pair is packed (padding dropped), reduced at once
 (`slice_stats`, or Δᵀx into R in the reference pass) and freed.
 
@@ -14,67 +14,26 @@ attention mask; vision and projector rows are images): the model family's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from gradaudit.capture.losses import per_sample_text_loss, token_quantities
 from gradaudit.errors import ModelError
+from gradaudit.grads.hooks import LayerHooks, merge_calls
 from gradaudit.models import Layout, Target
 from gradaudit.ops import SliceStats, slice_stats
 from gradaudit.schema import STAT_KEYS
 
 
-class _Hooks:
-    """Installs the three hooks on every target for one forward/backward; calls ``reduce(target, x, Δ)``
-    with the layer's input and output gradient as they arrive in backward."""
-
-    def __init__(self, targets: Iterable[Target], reduce: Callable[[Target, torch.Tensor, torch.Tensor], None]):
-        self.targets = list(targets)
-        self.reduce = reduce
-        self.pending: dict[str, list[torch.Tensor]] = {}
-        self.handles = []
-
-    def __enter__(self):
-        for t in self.targets:
-            self.handles.append(t.module.register_forward_pre_hook(self._needs_grad))
-            self.handles.append(t.module.register_forward_hook(self._keep_input(t)))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        return False
-
-    @staticmethod
-    def _needs_grad(module, args):
-        x = args[0]
-        if not x.requires_grad:  # nothing below needs a gradient: start the graph here
-            return (x.detach().requires_grad_(True),) + tuple(args[1:])
-        return None
-
-    def _keep_input(self, target: Target):
-        def hook(module, args, output):
-            self.pending.setdefault(target.name, []).append(args[0].detach())
-            # backward visits a module's calls in reverse order, so Δ pairs with the last input kept
-            output.register_hook(lambda grad: self._arrived(target, grad))
-
-        return hook
-
-    def _arrived(self, target: Target, grad: torch.Tensor):
-        x = self.pending[target.name].pop()
-        self.reduce(target, x, grad.detach())
-
-    def unreached(self) -> list[str]:
-        return [name for name, xs in self.pending.items() if xs]
-
-
 def _backward(model, batch: dict, targets, reduce, tokens: list | None = None) -> torch.Tensor:
+    """One forward and backward of the summed per-sample losses; ``reduce(target, xs, grads)`` receives every
+    call's input and output gradient of each target (``gradaudit.grads.LayerHooks``)."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with _Hooks(targets, reduce) as hooks:
+    by_name = {t.name: t for t in targets}
+    with LayerHooks({t.name: t.module for t in targets}, lambda name, _, xs, grads: reduce(by_name[name], xs, grads)) as hooks:
         logits = model(**inputs).logits
         if tokens is not None:
             tokens.extend(token_quantities(logits, labels))
@@ -94,9 +53,10 @@ def reference_sums(model, batches: Iterable[tuple[dict, Layout]], targets: list[
     sums = {t.name: torch.zeros_like(t.module.weight, dtype=torch.float32) for t in targets}
     count = 0
     for batch, layout in batches:
-        def reduce(target, x, grad):
-            x, grad, _ = layout.pack(target.domain, x, grad)
-            sums[target.name] += grad.float().T @ x.float()
+        def reduce(target, xs, grads):
+            for x, grad in zip(xs, grads):  # Σ_b G_b: the calls of a layer simply add up
+                x, grad, _ = layout.pack(target.domain, x, grad)
+                sums[target.name] += grad.float().T @ x.float()
 
         _backward(model, batch, targets, reduce)
         count += layout.num_samples
@@ -138,8 +98,8 @@ def batch_stats(model, batch: dict, layout: Layout, targets: list[Target], refs:
     out: dict[str, SliceStats] = {}
     tokens: list = []
 
-    def reduce(target, x, grad):
-        x, grad, offsets = layout.pack(target.domain, x, grad)
+    def reduce(target, xs, grads):
+        x, grad, offsets = merge_calls([layout.pack(target.domain, x, g) for x, g in zip(xs, grads)])
         ref = refs[target.name] if refs is not None else None
         out[target.name] = slice_stats(x, grad.to(x.dtype), offsets, ref, backend=backend)
 

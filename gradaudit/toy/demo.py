@@ -2,8 +2,10 @@
 a tiny vision-language model here in the finetune scenario, and audit two collections with the public
 commands: one the model was trained on, one it never saw.
 
-The model: a LLaVA-wired model pretrained from scratch on generated scenes, then LoRA-fine-tuned on
-1200 generated radiograph–report pairs, the members (``gradaudit.toy.scenarios``). The audit
+The model: a LLaVA-wired model pretrained from scratch on generated radiograph–report pairs, then
+LoRA-fine-tuned on 1200 generated scene–caption pairs, the members (``gradaudit.toy.scenarios``; the
+scenario whose collection test has the most power in ``benchmarks/results/eval_collection_tiny.md`` —
+the radiograph fine-tune is weaker: a whole-member collection of 200 to be found in 80% of draws). The audit
 (``scenarios.collection_sets``): 200 known members, 500 known non-members, and two collections of 500
 pairs — the *used* one of members, the *fresh* one of non-members, both drawn from the members' own
 generator (the i.i.d. protocol: nothing but training separates them). Each collection is audited against
@@ -30,7 +32,7 @@ from gradaudit.audit.claims import verdict
 from gradaudit.store import RunFolder
 from gradaudit.toy.scenarios import Corpus, collection_sets, train_model
 
-CORPUS, TRAINING, SIZE = "radiographs", "finetune", "tiny"
+CORPUS, TRAINING, SIZE = "scenes", "finetune", "tiny"
 PER_PAIR = ("score", "paper_score", "loss", "min_k_plus_plus", "zlib", "gradient_norm")
 
 
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
     model = train_model(root, TRAINING, CORPUS, SIZE, counts, log=lambda m: print(m, flush=True))
     sets = collection_sets(root, CORPUS, SIZE, args.reference, args.nonmembers, args.collection, counts)
     times["data and training (cached)"] = time.time() - t
-    print(f"model: {model['model']} + LoRA adapter {model['adapter']}; held-out report loss "
+    print(f"model: {model['model']} + LoRA adapter {model['adapter']}; held-out caption loss "
           f"{model['held_out_loss_before']:.3f} before the fine-tune, {model['held_out_loss']:.3f} after "
           f"(members' training loss {model['history'][-1]['train_loss']:.3f})", flush=True)
 

@@ -1,0 +1,71 @@
+"""GradAudit as Opacus' norm sampler in ghost clipping: the same per-sample norms and the same clipped,
+noiseless update as Opacus' own route, on sequence inputs (B, T, d) and flat ones (B, d)."""
+
+import pytest
+import torch
+from torch import nn
+
+opacus = pytest.importorskip("opacus")
+
+from gradaudit.integrations.opacus import use_gradaudit_norms  # noqa: E402
+
+
+class Seq(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.mid = nn.Linear(16, 16, bias=False)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):  # x (B, T, 6)
+        h = torch.tanh(self.mid(torch.tanh(self.inp(x))))
+        return self.out(h.mean(1))  # (B, 3): the last layer sees flat (B, d) inputs
+
+
+def _step(ours: bool, clip: float):
+    """One private step with noise 0: (per-sample norms, the clipped, averaged gradient of each parameter)."""
+    from opacus import PrivacyEngine
+
+    torch.manual_seed(0)
+    model = Seq()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 5, 6, generator=g) * 3, torch.randint(0, 3, (8,), generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with use_gradaudit_norms() if ours else _nothing():
+        model, optimizer, criterion, loader = PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, data_loader=loader, criterion=nn.CrossEntropyLoss(),
+            noise_multiplier=0.0, max_grad_norm=clip, grad_sample_mode="ghost", poisson_sampling=False)
+        xb, yb = next(iter(loader))
+        optimizer.zero_grad()
+        criterion(model(xb), yb).backward()
+        norms = model.get_norm_sample().detach().clone()
+    return norms, {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("clip", [1e3, 0.5])  # no sample clipped; most samples clipped
+def test_same_norms_and_clipped_update_as_opacus(clip):
+    theirs_norms, theirs = _step(False, clip)
+    ours_norms, ours = _step(True, clip)
+    torch.testing.assert_close(ours_norms, theirs_norms, rtol=1e-5, atol=1e-6)
+    if clip < 1:
+        assert (theirs_norms > clip).sum() >= 4  # the clipped case really clips
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7)
+
+
+def test_opacus_sampler_is_put_back():
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping as GSM
+
+    before = GSM.NORM_SAMPLERS[nn.Linear]
+    with use_gradaudit_norms():
+        assert GSM.NORM_SAMPLERS[nn.Linear] is not before
+    assert GSM.NORM_SAMPLERS[nn.Linear] is before
