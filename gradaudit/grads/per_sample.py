@@ -5,10 +5,9 @@ For a covered layer and sample b, with the sample's layer inputs X_b (T_b × d_i
 Δ_b (T_b × d_out), the weight's per-sample gradient is G_b = Δ_bᵀ X_b and the bias's g_b = Σ_t Δ_b[t].
 The statistics:
 
-- ``sq_norm[b]`` = ‖G_b‖² (+ ‖g_b‖² in ``bias_sq_norm``): the primitive ``slice_stats`` without R
-  (its Gram or direct route per sample, decided from the sample's own length);
-- ``dots[k][b]`` = ⟨G_b, R_k⟩ (+ ⟨g_b, r_k⟩) for each given reference gradient R_k: the projection route,
-  Σ_t ⟨Δ_b[t], R_k X_b[t]⟩, one GEMM per reference and layer;
+- ``sq_norm[b]`` = ‖G_b‖² (+ ‖g_b‖² in ``bias_sq_norm``) and ``dots[k][b]`` = ⟨G_b, R_k⟩ (+ ⟨g_b, r_k⟩)
+  for each given reference gradient R_k, each sample by its cheapest route (``routes.py``: Gram for
+  short samples, the fused direct kernel for long ones, the projection for the dots it does not give);
 - on request, ``slices``: the row and column statistics of ``slice_stats`` (against one reference).
 
 Covered: ``nn.Linear`` (PEFT's LoRA A and B matrices are ``nn.Linear`` modules, and are covered as such)
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from gradaudit.grads.hooks import LayerHooks
+from gradaudit.grads.routes import norms_and_dots, projection_dots
 from gradaudit.ops import SliceStats, slice_stats
 
 
@@ -211,21 +211,19 @@ class per_sample_grads:
         grad = grad.to(x.dtype)
         counts = torch.bincount(sample.cpu(), minlength=self.num_samples)
         offsets = torch.zeros(self.num_samples + 1, dtype=torch.int64)
-        offsets[1:] = torch.cumsum(counts, 0)
-        offsets = offsets.to(x.device)
+        offsets[1:] = torch.cumsum(counts, 0)  # on the CPU: the routes read the lengths there
         weight_name, bias_name = f"{name}.weight", f"{name}.bias"
-        weight_ref = None
-        if isinstance(self.slices, str):
-            weight_ref = self._ref(self.slices, weight_name).to(x.device, torch.float32)
-        stats = slice_stats(x, grad, offsets, weight_ref, backend=self.backend) if weight_name in self.covered else None
-        out = LayerStats(sq_norm=stats.row_sq.sum(1) if stats is not None else torch.zeros(self.num_samples, device=x.device),
-                         slices=stats if self.slices else None)
+        out = LayerStats(sq_norm=torch.zeros(self.num_samples, device=x.device))
         if weight_name in self.covered:
-            for k in self.references:
-                r = self._ref(k, weight_name).to(x.device, torch.float32)
-                # ⟨Δ_bᵀ X_b, R⟩ = Σ_t ⟨Δ_b[t], R X_b[t]⟩: one GEMM, then a segment sum
-                per_token = (grad.float() * (x.float() @ r.T)).sum(1)
-                out.dots[k] = torch.zeros(self.num_samples, device=x.device).index_add_(0, sample, per_token)
+            refs = {k: self._ref(k, weight_name).to(x.device, torch.float32) for k in self.references}
+            if self.slices:  # rows and columns: the primitive, against the named reference; dots by projection
+                stats = slice_stats(x, grad, offsets.to(x.device), refs.get(self.slices) if isinstance(self.slices, str) else None,
+                                    backend=self.backend)
+                out.sq_norm, out.slices = stats.row_sq.sum(1), stats
+                out.dots = {k: projection_dots(x, grad, counts, r) for k, r in refs.items()}
+            else:  # each sample by its cheapest route (grads.routes)
+                out.sq_norm, dots = norms_and_dots(x, grad, offsets, list(refs.values()), backend=self.backend)
+                out.dots = dict(zip(refs, dots))
         if bias_name in self.covered:
             bias_grad = grad if not _transposed(module) else x  # Δ, whichever side it sits on now
             g = torch.zeros(self.num_samples, bias_grad.shape[1], device=x.device).index_add_(0, sample, bias_grad.float())

@@ -3,8 +3,9 @@
 Opacus' fast gradient clipping asks a *norm sampler* per layer type for each sample's gradient norm
 from the layer's activations and backprops (``GradSampleModuleFastGradientClipping.NORM_SAMPLERS``,
 filled by ``register_norm_sampler``). Its own ``nn.Linear`` sampler builds two B×T×T Gram tensors
-(``einsum``), whatever T. This one calls ``slice_stats``, which picks the Gram or the direct route per
-sample and never holds a T×T or d_out×d_in tensor per sample:
+(``einsum``), whatever T. This one takes each sample by its cheapest route (``gradaudit.grads.routes``:
+the Gram route while T(d_in + d_out) < d_in·d_out, else the fused direct kernel, which never holds a
+T×T or d_out×d_in tensor per sample):
 
     from gradaudit.integrations.opacus import use_gradaudit_norms
     with use_gradaudit_norms():
@@ -21,7 +22,7 @@ import contextlib
 import torch
 from torch import nn
 
-from gradaudit.ops import slice_stats
+from gradaudit.grads.routes import norms_and_dots
 
 
 def linear_norm_sample(layer: nn.Linear, activations: list, backprops: torch.Tensor, backend: str = "auto") -> dict:
@@ -33,14 +34,15 @@ def linear_norm_sample(layer: nn.Linear, activations: list, backprops: torch.Ten
     x = x.reshape(b, -1, x.shape[-1])
     g = backprops.reshape(b, -1, backprops.shape[-1])
     dtype = backprops.dtype
-    if x.dtype != g.dtype or x.dtype == torch.float64:
-        x, g = x.float(), g.float()
+    if g.dtype == torch.float64:
+        g = g.float()
+    x = x.to(g.dtype)  # as Opacus' own sampler does
     out = {}
     if layer.weight.requires_grad:
         t = x.shape[1]
-        offsets = torch.arange(b + 1, device=x.device, dtype=torch.int64) * t
-        stats = slice_stats(x.reshape(b * t, -1), g.reshape(b * t, -1), offsets, backend=backend)
-        out[layer.weight] = stats.row_sq.sum(1).clamp(min=0).sqrt().to(dtype)
+        offsets = torch.arange(b + 1, dtype=torch.int64) * t
+        sq, _ = norms_and_dots(x.reshape(b * t, -1), g.reshape(b * t, -1), offsets, backend=backend)
+        out[layer.weight] = sq.clamp(min=0).sqrt().to(dtype)
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = g.float().sum(1).norm(dim=1).to(dtype)
     return out

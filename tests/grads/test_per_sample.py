@@ -197,3 +197,24 @@ def test_merge_calls_groups_each_samples_rows():
     x, g, off = merge_calls([(x1, -x1, off1), (x2, -x2, off2)])
     assert off.tolist() == [0, 3, 5, 9]
     assert x[:, 0].tolist() == [0, 1, 10, 11, 12, 2, 3, 4, 13] and torch.equal(g, -x)
+
+
+@pytest.mark.parametrize("lengths", [[5, 0, 1, 30, 2, 12, 25], [4, 4, 4], [20, 20], [20, 30]])
+def test_routes_agree_with_materialised_gradients(lengths):
+    """Equal lengths by the Gram route (views, dots by projection) or the direct kernel, mixed lengths by
+    slice_stats, two references: against G_b materialised in float64."""
+    from gradaudit.grads.routes import gram_is_cheaper, norms_and_dots
+
+    g = torch.Generator().manual_seed(len(lengths))
+    d_in, d_out, n = 24, 16, sum(lengths)
+    x, grad = torch.randn(n, d_in, generator=g), torch.randn(n, d_out, generator=g)
+    refs = [torch.randn(d_out, d_in, generator=g) for _ in range(2)]
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    sq, dots = norms_and_dots(x, grad, offsets, refs)
+    for b, (s, e) in enumerate(zip(offsets[:-1], offsets[1:])):
+        gb = grad[s:e].double().T @ x[s:e].double()
+        torch.testing.assert_close(sq[b].double(), (gb**2).sum(), rtol=1e-5, atol=1e-5)
+        for k in range(2):
+            torch.testing.assert_close(dots[k][b].double(), (gb * refs[k].double()).sum(), rtol=1e-5, atol=1e-4)
+    assert gram_is_cheaper(4, d_in, d_out) and not gram_is_cheaper(20, d_in, d_out)  # both equal-length routes
+
