@@ -218,3 +218,22 @@ def test_routes_agree_with_materialised_gradients(lengths):
             torch.testing.assert_close(dots[k][b].double(), (gb * refs[k].double()).sum(), rtol=1e-5, atol=1e-4)
     assert gram_is_cheaper(4, d_in, d_out) and not gram_is_cheaper(20, d_in, d_out)  # both equal-length routes
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [[64] * 6, [300, 2, 129, 1000, 40]])
+def test_routes_on_the_gpu_in_bf16(lengths):
+    """The Gram, direct and mixed-length routes on CUDA in bf16, against float64 materialised gradients."""
+    from gradaudit.grads.routes import norms_and_dots
+
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out, n = 256, 384, sum(lengths)
+    x, grad = torch.randn(n, d_in, generator=g), torch.randn(n, d_out, generator=g)
+    ref = torch.randn(d_out, d_in, generator=g)
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    sq, (dot,) = norms_and_dots(x.cuda().bfloat16(), grad.cuda().bfloat16(), offsets, [ref.cuda()])
+    xb, gb = x.bfloat16().double(), grad.bfloat16().double()
+    for b, (s, e) in enumerate(zip(offsets[:-1], offsets[1:])):
+        G = gb[s:e].T @ xb[s:e]
+        assert abs(sq[b].item() - (G**2).sum().item()) <= 1e-2 * (G**2).sum().item()
+        assert abs(dot[b].item() - (G * ref.double()).sum().item()) <= 2e-2 * (G.norm() * ref.norm()).item() / 10
