@@ -79,36 +79,69 @@ class Calibrator:
 
     def estimate_prior(self, scores, iterations: int = 500, tol: float = 1e-8) -> float:
         """The collection's member share by EM on the mixing weight, the components held fixed."""
-        s = _scores("scores", scores)
-        ratio = self._log_ratio(s)
-        prior = 0.5
-        for _ in range(iterations):
-            logit = ratio + math.log(prior / (1 - prior))
-            new = float(np.mean(1.0 / (1.0 + np.exp(-np.clip(logit, -700, 700)))))
-            new = min(max(new, 1e-6), 1 - 1e-6)
-            if abs(new - prior) < tol:
-                prior = new
-                break
-            prior = new
-        return prior
+        return _em_prior(self._log_ratio(_scores("scores", scores)), iterations, tol)
 
     def exposure(self, scores, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
                  reference: tuple | None = None) -> tuple[float, float, float]:
         """Estimated member share of a collection with a percentile bootstrap interval over its pairs.
         ``reference`` = (member_scores, nonmember_scores) the components came from: each resample then
-        refits them on resampled reference scores too, so the interval carries their uncertainty."""
+        refits them on resampled reference scores too, so the interval carries their uncertainty.
+
+        With kernel densities, a resample's density is the same kernels weighted by how often each
+        reference score was drawn, at the full fit's bandwidths: one kernel matrix per class, computed
+        once, then a matrix-vector product per resample (refitting ``gaussian_kde`` 1000 times took
+        15 s on the demo's 600 reference and 500 audited scores; this takes well under one)."""
         s = _scores("scores", scores)
         rng = np.random.default_rng(seed)
+        kernels = self._kernels(s, reference) if reference is not None else None
         boots = []
         for _ in range(n_boot):
-            cal = self
-            if reference is not None:
-                pos, neg = (np.asarray(r, dtype=np.float64) for r in reference)
-                cal = Calibrator(self.shape).fit(pos[rng.integers(0, pos.size, pos.size)],
-                                                 neg[rng.integers(0, neg.size, neg.size)])
-            boots.append(cal.estimate_prior(s[rng.integers(0, s.size, s.size)]))
+            if reference is None:
+                boots.append(self.estimate_prior(s[rng.integers(0, s.size, s.size)]))
+                continue
+            pos, neg = (np.asarray(r, dtype=np.float64) for r in reference)
+            draw_m, draw_n = rng.integers(0, pos.size, pos.size), rng.integers(0, neg.size, neg.size)
+            rows = rng.integers(0, s.size, s.size)
+            if kernels is None:
+                cal = Calibrator(self.shape).fit(pos[draw_m], neg[draw_n])
+                boots.append(cal.estimate_prior(s[rows]))
+                continue
+            logf = [np.log(e[rows] @ np.bincount(d, minlength=e.shape[1])) + top[rows]
+                    for (e, top), d in zip(kernels, (draw_m, draw_n))]
+            with np.errstate(invalid="ignore"):
+                ratio = np.nan_to_num(np.clip(logf[0] - logf[1], -50, 50))
+            boots.append(_em_prior(ratio))
         half = (1 - level) / 2
         return self.estimate_prior(s), float(np.quantile(boots, half)), float(np.quantile(boots, 1 - half))
+
+    def _kernels(self, s, reference):
+        """Per class (E, top) with E[i, j] = exp(logK(s_i, r_j) − top_i) at the fitted bandwidth, so that
+        the class's log-density at s_i under reference counts c is log(E[i] @ c) + top_i (the constant
+        −log(n·h·√2π) is the same for every resample of a class and cancels in the EM's ratio up to a
+        class constant, kept in top). None unless the class models are kernel densities."""
+        if self.shape != "kde" or getattr(self, "kdes_", None) is None:
+            return None
+        out = []
+        for r, kde in zip(reference, self.kdes_):
+            r = np.asarray(r, dtype=np.float64)
+            h = float(np.sqrt(kde.covariance[0, 0]))
+            log_k = -0.5 * ((s[:, None] - r[None, :]) / h) ** 2 - math.log(r.size * h * math.sqrt(2 * math.pi))
+            top = log_k.max(axis=1)
+            out.append((np.exp(log_k - top[:, None]), top))
+        return out
+
+
+def _em_prior(ratio: np.ndarray, iterations: int = 500, tol: float = 1e-8) -> float:
+    """The member share by EM on the mixing weight, given each score's log-likelihood ratio."""
+    prior = 0.5
+    for _ in range(iterations):
+        logit = ratio + math.log(prior / (1 - prior))
+        new = float(np.mean(1.0 / (1.0 + np.exp(-np.clip(logit, -700, 700)))))
+        new = min(max(new, 1e-6), 1 - 1e-6)
+        if abs(new - prior) < tol:
+            return new
+        prior = new
+    return prior
 
 
 def mann_whitney_greater(x, y) -> float:
