@@ -6,8 +6,9 @@ For a covered layer and sample b, with the sample's layer inputs X_b (T_b × d_i
 The statistics:
 
 - ``sq_norm[b]`` = ‖G_b‖² (+ ‖g_b‖² in ``bias_sq_norm``) and ``dots[k][b]`` = ⟨G_b, R_k⟩ (+ ⟨g_b, r_k⟩)
-  for each given reference gradient R_k, each sample by its cheapest route (``routes.py``: Gram for
-  short samples, the fused direct kernel for long ones, the projection for the dots it does not give);
+  for each given reference gradient R_k, by the cheapest route (``routes.py``: samples of one length by
+  the Gram route or the fused direct kernel, mixed lengths through ``slice_stats``, the projection for
+  the dots the route does not give);
 - on request, ``slices``: the row and column statistics of ``slice_stats`` (against one reference).
 
 Covered: ``nn.Linear`` (PEFT's LoRA A and B matrices are ``nn.Linear`` modules, and are covered as such)

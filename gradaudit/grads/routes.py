@@ -24,11 +24,11 @@ from gradaudit.ops import slice_stats
 def direct_slowdown(t: int) -> float:
     """How many times dearer a FLOP of the fused direct kernel is than one of a cuBLAS Gram GEMM, by sample
     length: about 2 up to T = 1024, about 1 beyond (H100, bf16, Llama-1B and -7B layer shapes:
-    benchmarks/results/grads_layers_*.md; the kernel nears cuBLAS's rate only on long samples)."""
+    benchmarks/results/grads_NVIDIA_H100_80GB_HBM3.md; the kernel nears cuBLAS's rate only on long samples)."""
     return 2.0 if t <= 1024 else 1.0
 
 
-def gram_is_cheaper(t: int, d_in: int, d_out: int) -> bool:
+def gram_norm_is_cheaper(t: int, d_in: int, d_out: int) -> bool:
     """Whether a sample of ``t`` tokens gets its total squared norm cheaper by Gram than by the direct route."""
     return t * (d_in + d_out) < direct_slowdown(t) * d_in * d_out
 
@@ -45,7 +45,7 @@ def norms_and_dots(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor, r
     cpu_offsets = offsets.cpu()
     lengths = cpu_offsets[1:] - cpu_offsets[:-1]
     b, t = len(lengths), int(lengths.max()) if len(lengths) else 0
-    if b and t > 0 and bool((lengths == t).all()) and gram_is_cheaper(t, x.shape[1], grad.shape[1]):
+    if b and t > 0 and bool((lengths == t).all()) and gram_norm_is_cheaper(t, x.shape[1], grad.shape[1]):
         x3, g3 = x.view(b, t, -1), grad.view(b, t, -1)
         sq = (torch.bmm(x3, x3.transpose(1, 2)).float() * torch.bmm(g3, g3.transpose(1, 2)).float()).sum((1, 2))
         return sq, [projection_dots(x, grad, lengths, r) for r in refs]

@@ -203,7 +203,7 @@ def test_merge_calls_groups_each_samples_rows():
 def test_routes_agree_with_materialised_gradients(lengths):
     """Equal lengths by the Gram route (views, dots by projection) or the direct kernel, mixed lengths by
     slice_stats, two references: against G_b materialised in float64."""
-    from gradaudit.grads.routes import gram_is_cheaper, norms_and_dots
+    from gradaudit.grads.routes import gram_norm_is_cheaper, norms_and_dots
 
     g = torch.Generator().manual_seed(len(lengths))
     d_in, d_out, n = 24, 16, sum(lengths)
@@ -216,7 +216,7 @@ def test_routes_agree_with_materialised_gradients(lengths):
         torch.testing.assert_close(sq[b].double(), (gb**2).sum(), rtol=1e-5, atol=1e-5)
         for k in range(2):
             torch.testing.assert_close(dots[k][b].double(), (gb * refs[k].double()).sum(), rtol=1e-5, atol=1e-4)
-    assert gram_is_cheaper(4, d_in, d_out) and not gram_is_cheaper(20, d_in, d_out)  # both equal-length routes
+    assert gram_norm_is_cheaper(4, d_in, d_out) and not gram_norm_is_cheaper(20, d_in, d_out)  # both equal-length routes
 
 
 
