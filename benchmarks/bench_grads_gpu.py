@@ -289,9 +289,14 @@ def tables(folder: str, card: str) -> str:
                   "the SGD step, median of 5 after 2 warm-up steps. Peak memory of each mode in one process, "
                   "modes in the order shown; the norm sampler's own extra memory per call measured on one more step.", "",
                   "| B × T | mode | ms | × non-private | peak GiB | norm sampler extra MiB (max per call) |", "|---|---|---|---|---|---|"]
+        runs = {}
         for name in dp:
             with open(os.path.join(folder, name)) as f:
-                rows = json.load(f)["rows"]
+                runs[name] = json.load(f)
+        notes = [f"- `{name}`: {data['meta']['note']}." for name, data in runs.items() if data["meta"].get("note")]
+        lines[len(lines) - 2:len(lines) - 2] = notes + ([""] if notes else [])
+        for name, data in runs.items():
+            rows = data["rows"]
             base = rows[0]["ms"]
             for r in rows[:-1]:
                 extra = r.get("norm_sampler_peak_extra_mib")
