@@ -3,8 +3,8 @@
 Every parameter is frozen; the hooks of ``gradaudit.grads.LayerHooks`` (the package's one hook
 mechanism) make each selected layer's input require grad where nothing below it does, so backward
 computes activation gradients only and stops below the lowest selected layer; they keep each selected
-layer's input and receive Δ = ∂L/∂y in backward, where L = Σ_b L_b sums the per-sample mean text-token losses, so that Δ restricted
-to sample b's positions is exactly ∂L_b/∂y. The pair is packed (padding dropped), reduced at once
+layer's input and receive Δ = ∂L/∂y in backward, where L = Σ_b L_b sums the per-sample mean text-token
+losses, so that Δ restricted to sample b's positions is exactly ∂L_b/∂y. The pair is packed (padding dropped), reduced at once
 (`slice_stats`, or Δᵀx into R in the reference pass) and freed.
 
 Which positions belong to which sample depends on the layer's domain (language rows are samples with an

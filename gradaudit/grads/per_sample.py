@@ -126,6 +126,8 @@ class per_sample_grads:
             raise ValueError(f"loss_reduction must be 'sum' or 'mean'; got {loss_reduction!r}")
         self.model, self.backend, self.loss_reduction = model, backend, loss_reduction
         self.mask = None if mask is None else mask.bool()
+        # tokens per sample on the CPU, known before any layer runs: no device sync per layer
+        self.mask_counts = None if mask is None else self.mask.sum(1).cpu()
         self.cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(torch.int64).cpu()
         named = covered_modules(model)
         trainable = any(p.requires_grad for p in model.parameters())
@@ -174,14 +176,15 @@ class per_sample_grads:
     # -- packing and reduction ---------------------------------------------------------------------------
 
     def _pack(self, x: torch.Tensor, grad: torch.Tensor):
-        """x (N, d_in), grad (N, d_out) of real positions, and each row's sample (N,) int64."""
+        """x (N, d_in), grad (N, d_out) of real positions, each row's sample (N,) int64 on x's device, and
+        each sample's row count (B,) on the CPU."""
         device = x.device
         if self.cu_seqlens is not None:
             x, grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
             if x.shape[0] != int(self.cu_seqlens[-1]):
                 raise ValueError(f"a layer saw {x.shape[0]} packed positions; cu_seqlens gives {int(self.cu_seqlens[-1])}")
             lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
-            return x, grad, torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(device)
+            return x, grad, torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(device), lengths
         b = x.shape[0]
         if self.num_samples is None:
             self.num_samples = b
@@ -189,17 +192,19 @@ class per_sample_grads:
             raise ValueError(f"a layer's input has {b} rows; the batch has {self.num_samples} samples")
         rows = torch.arange(b, device=device)
         if x.dim() == 2:
-            return x, grad, rows
+            return x, grad, rows, torch.ones(b, dtype=torch.int64)
         x3, g3 = x.reshape(b, -1, x.shape[-1]), grad.reshape(b, -1, grad.shape[-1])
         sample = rows[:, None].expand(b, x3.shape[1])
         if self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
             keep = self.mask.to(device)
-            return x3[keep], g3[keep], sample[keep]
-        return x3.reshape(-1, x.shape[-1]), g3.reshape(-1, grad.shape[-1]), sample.reshape(-1)
+            return x3[keep], g3[keep], sample[keep], self.mask_counts
+        return (x3.reshape(-1, x.shape[-1]), g3.reshape(-1, grad.shape[-1]), sample.reshape(-1),
+                torch.full((b,), x3.shape[1], dtype=torch.int64))
 
     def _reduce(self, name: str, module: nn.Module, xs: list, grads: list) -> None:
         packed = [self._pack(x, g) for x, g in zip(xs, grads)]
-        x, grad, sample = (torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*packed))
+        x, grad, sample = (torch.cat(parts) if len(parts) > 1 else parts[0] for parts in list(zip(*packed))[:3])
+        counts = sum(p[3] for p in packed)
         if len(packed) > 1:  # calls of one module: each sample's tokens together (G_b sums over the calls)
             order = torch.argsort(sample, stable=True)
             x, grad, sample = x[order], grad[order], sample[order]
@@ -210,7 +215,6 @@ class per_sample_grads:
         if x.dtype == torch.float64:  # the statistics are float32 whatever the inputs (slice_stats' contract)
             x = x.float()
         grad = grad.to(x.dtype)
-        counts = torch.bincount(sample.cpu(), minlength=self.num_samples)
         offsets = torch.zeros(self.num_samples + 1, dtype=torch.int64)
         offsets[1:] = torch.cumsum(counts, 0)  # on the CPU: the routes read the lengths there
         weight_name, bias_name = f"{name}.weight", f"{name}.bias"

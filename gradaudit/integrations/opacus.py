@@ -3,9 +3,9 @@
 Opacus' fast gradient clipping asks a *norm sampler* per layer type for each sample's gradient norm
 from the layer's activations and backprops (``GradSampleModuleFastGradientClipping.NORM_SAMPLERS``,
 filled by ``register_norm_sampler``). Its own ``nn.Linear`` sampler builds two B×T×T Gram tensors
-(``einsum``), whatever T. This one takes each sample by its cheapest route (``gradaudit.grads.routes``:
-the Gram route while T(d_in + d_out) < d_in·d_out, else the fused direct kernel, which never holds a
-T×T or d_out×d_in tensor per sample):
+(``einsum``), whatever T. This one takes the cheapest route (``gradaudit.grads.routes``: the Gram route
+for short samples, else the fused direct kernel, which never holds a T×T or d_out×d_in tensor per
+sample):
 
     from gradaudit.integrations.opacus import use_gradaudit_norms
     with use_gradaudit_norms():
