@@ -28,6 +28,7 @@ sampler against GradAudit's (``gradaudit.integrations.opacus``), beside a non-pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -199,7 +200,7 @@ def part_dp(log, batch=8, seq=1024, steps=5) -> list[dict]:
                 dp_loss(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), shape=logits.shape).backward()
                 opt.step()
 
-        context = use_gradaudit_norms() if mode == "gradaudit" else _Nothing()
+        context = use_gradaudit_norms() if mode == "gradaudit" else contextlib.nullcontext()
         with context:
             step(), step()  # warm-up: kernels compiled and tuned
             torch.cuda.synchronize()
@@ -245,14 +246,6 @@ def part_dp(log, batch=8, seq=1024, steps=5) -> list[dict]:
     rows.append({"clipped_update_rel_diff": diff})
     log(json.dumps(rows[-1]))
     return rows
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def tables(folder: str, card: str) -> str:

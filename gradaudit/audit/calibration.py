@@ -2,7 +2,8 @@
 
 * :class:`Calibrator` — a two-component mixture whose components are fitted on labelled out-of-fold
   reference scores (members, non-members): a kernel density per class by default, one Gaussian per class
-  on request (``shape="normal"``; benchmarks/results/calibration_shape_tiny.md compares them); P(member | S) at a collection's own prior,
+  on request (``shape="normal"``; benchmarks/results/calibration_shape_tiny.md compares them);
+  P(member | S) at a collection's own prior,
   estimated by EM on the mixing weight with the components fixed (Saerens et al., 2002); the exposure
   rate is that estimate, with a bootstrap interval.
 * :func:`collection_test` — one-sided Mann–Whitney U of a collection's scores against reference
@@ -93,13 +94,14 @@ class Calibrator:
         15 s on the demo's 600 reference and 500 audited scores; this takes well under one)."""
         s = _scores("scores", scores)
         rng = np.random.default_rng(seed)
-        kernels = self._kernels(s, reference) if reference is not None else None
+        if reference is not None:
+            pos, neg = (np.asarray(r, dtype=np.float64) for r in reference)
+        kernels = self._kernels(s, (pos, neg)) if reference is not None else None
         boots = []
         for _ in range(n_boot):
             if reference is None:
                 boots.append(self.estimate_prior(s[rng.integers(0, s.size, s.size)]))
                 continue
-            pos, neg = (np.asarray(r, dtype=np.float64) for r in reference)
             draw_m, draw_n = rng.integers(0, pos.size, pos.size), rng.integers(0, neg.size, neg.size)
             rows = rng.integers(0, s.size, s.size)
             if kernels is None:
@@ -123,7 +125,6 @@ class Calibrator:
             return None
         out = []
         for r, kde in zip(reference, self.kdes_):
-            r = np.asarray(r, dtype=np.float64)
             h = float(np.sqrt(kde.covariance[0, 0]))
             log_k = -0.5 * ((s[:, None] - r[None, :]) / h) ** 2 - math.log(r.size * h * math.sqrt(2 * math.pi))
             top = log_k.max(axis=1)

@@ -18,17 +18,19 @@ require grad, or all of them when none does — is listed in ``GradStats.uncover
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from gradaudit.grads.hooks import LayerHooks
+from gradaudit.grads.hooks import LayerHooks, merge_calls
 from gradaudit.grads.routes import norms_and_dots, projection_dots
 from gradaudit.ops import SliceStats, slice_stats
 
 
+@functools.cache
 def _conv1d_type():
     try:
         from transformers.pytorch_utils import Conv1D
@@ -176,38 +178,36 @@ class per_sample_grads:
     # -- packing and reduction ---------------------------------------------------------------------------
 
     def _pack(self, x: torch.Tensor, grad: torch.Tensor):
-        """x (N, d_in), grad (N, d_out) of real positions, each row's sample (N,) int64 on x's device, and
-        each sample's row count (B,) on the CPU."""
-        device = x.device
+        """x (N, d_in), grad (N, d_out) of real positions, sample by sample, and each sample's row count
+        (B,) on the CPU (known from the mask, cu_seqlens or shapes: no device sync)."""
         if self.cu_seqlens is not None:
             x, grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
             if x.shape[0] != int(self.cu_seqlens[-1]):
                 raise ValueError(f"a layer saw {x.shape[0]} packed positions; cu_seqlens gives {int(self.cu_seqlens[-1])}")
-            lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
-            return x, grad, torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(device), lengths
+            return x, grad, self.cu_seqlens[1:] - self.cu_seqlens[:-1]
         b = x.shape[0]
         if self.num_samples is None:
             self.num_samples = b
         if b != self.num_samples:
             raise ValueError(f"a layer's input has {b} rows; the batch has {self.num_samples} samples")
-        rows = torch.arange(b, device=device)
         if x.dim() == 2:
-            return x, grad, rows, torch.ones(b, dtype=torch.int64)
+            return x, grad, torch.ones(b, dtype=torch.int64)
         x3, g3 = x.reshape(b, -1, x.shape[-1]), grad.reshape(b, -1, grad.shape[-1])
-        sample = rows[:, None].expand(b, x3.shape[1])
         if self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
-            keep = self.mask.to(device)
-            return x3[keep], g3[keep], sample[keep], self.mask_counts
-        return (x3.reshape(-1, x.shape[-1]), g3.reshape(-1, grad.shape[-1]), sample.reshape(-1),
+            keep = self.mask.to(x.device)
+            return x3[keep], g3[keep], self.mask_counts
+        return (x3.reshape(-1, x.shape[-1]), g3.reshape(-1, grad.shape[-1]),
                 torch.full((b,), x3.shape[1], dtype=torch.int64))
 
     def _reduce(self, name: str, module: nn.Module, xs: list, grads: list) -> None:
-        packed = [self._pack(x, g) for x, g in zip(xs, grads)]
-        x, grad, sample = (torch.cat(parts) if len(parts) > 1 else parts[0] for parts in list(zip(*packed))[:3])
-        counts = sum(p[3] for p in packed)
-        if len(packed) > 1:  # calls of one module: each sample's tokens together (G_b sums over the calls)
-            order = torch.argsort(sample, stable=True)
-            x, grad, sample = x[order], grad[order], sample[order]
+        parts = []
+        for x, g in zip(xs, grads):
+            x, g, counts = self._pack(x, g)
+            parts.append((x, g, torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])))
+        # calls of one module: each sample's rows together (G_b sums over the calls)
+        x, grad, offsets = merge_calls(parts)
+        counts = offsets[1:] - offsets[:-1]
+        sample = torch.repeat_interleave(torch.arange(self.num_samples), counts).to(x.device, non_blocking=True)
         if self.loss_reduction == "mean":
             grad = grad * self.num_samples
         if _transposed(module):  # Conv1D: G_b = X_bᵀ Δ_b, which slice_stats computes with the roles swapped
@@ -215,8 +215,6 @@ class per_sample_grads:
         if x.dtype == torch.float64:  # the statistics are float32 whatever the inputs (slice_stats' contract)
             x = x.float()
         grad = grad.to(x.dtype)
-        offsets = torch.zeros(self.num_samples + 1, dtype=torch.int64)
-        offsets[1:] = torch.cumsum(counts, 0)  # on the CPU: the routes read the lengths there
         weight_name, bias_name = f"{name}.weight", f"{name}.bias"
         out = LayerStats(sq_norm=torch.zeros(self.num_samples, device=x.device))
         if weight_name in self.covered:
