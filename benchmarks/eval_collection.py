@@ -17,6 +17,12 @@ features, so thousands of audits cost no further capture:
 
     python benchmarks/eval_collection.py --out benchmarks/results                # tiny, CPU
     python benchmarks/eval_collection.py --scenarios finetune-radiographs --null-draws 50   # a quick look
+    python benchmarks/eval_collection.py --size small --device cuda --out benchmarks/results   # small, GPU
+
+On the GPU the four scenarios can run as four processes (benchmarks/gpu_jobs.sh, one scenario each, to
+stay inside one 10-minute call); `--merge` then joins their JSON files into one table:
+
+    python benchmarks/eval_collection.py --merge job*/eval_collection_small.json --out benchmarks/results
 
 Writes eval_collection_<size>.json (everything) and eval_collection_<size>.md (the tables).
 """
@@ -247,11 +253,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="join the reports of separate runs (one scenario each) into one; runs nothing")
     args = ap.parse_args()
+    if args.merge:
+        return write(merge(args.merge), args.out)
     root = os.path.abspath(args.root)
-    report = {"size": args.size, "device": args.device, "machine": f"{platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores", "command": "python benchmarks/eval_collection.py " + " ".join(sys.argv[1:]),
-              "scenarios": {}}
+    report = {"size": args.size, "device": args.device, "machine": machine(args.device),
+              "command": "python benchmarks/eval_collection.py " + " ".join(sys.argv[1:]), "scenarios": {}}
     t0 = time.time()
     for name in args.scenarios.split(","):
         training, corpus = name.split("-")
@@ -260,13 +269,44 @@ def main() -> None:
         run = capture(root, model, corpus, args.size, args.device, args.batch_size)
         report["scenarios"][name] = evaluate(run, root, corpus, args.size, args)
         report["seconds"] = time.time() - t0
-        if args.out:  # after every scenario: a partial run leaves its tables
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, f"eval_collection_{args.size}.json"), "w") as f:
-                json.dump(report, f, indent=1)
-            with open(os.path.join(args.out, f"eval_collection_{args.size}.md"), "w") as f:
-                f.write(markdown(report))
+        write(report, args.out, echo=False)  # after every scenario: a partial run leaves its tables
     print(markdown(report))
+
+
+def machine(device: str) -> str:
+    """The card for a GPU run, else the processor and its cores."""
+    if device.startswith("cuda"):
+        import torch
+
+        return f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def merge(paths: list[str]) -> dict:
+    """One report from several runs of the same size (each run's command is kept; seconds are summed)."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    sizes = {p["size"] for p in parts}
+    if len(sizes) != 1:
+        raise SystemExit(f"cannot merge runs of different sizes: {sorted(sizes)}")
+    merged = {k: parts[0][k] for k in ("size", "device", "machine")}
+    merged["command"] = " ; ".join(p["command"] for p in parts) + " (separate processes, joined by --merge)"
+    merged["seconds"] = sum(p["seconds"] for p in parts)
+    merged["scenarios"] = {name: sc for p in parts for name, sc in p["scenarios"].items()}
+    return merged
+
+
+def write(report: dict, out: str | None, echo: bool = True) -> None:
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"eval_collection_{report['size']}.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        with open(os.path.join(out, f"eval_collection_{report['size']}.md"), "w") as f:
+            f.write(markdown(report))
+    if echo:
+        print(markdown(report))
 
 
 if __name__ == "__main__":
