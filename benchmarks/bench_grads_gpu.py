@@ -157,7 +157,34 @@ def part_layers(model: str, log) -> list[dict]:
     return rows
 
 
-def part_dp(log, batch=8, seq=1024, steps=5) -> list[dict]:
+DP_MODES = ("non-private", "opacus", "gradaudit")
+
+
+def part_dp(log, batch=8, seq=1024) -> list[dict]:
+    """Each mode in its own process (so each peak memory is its own), then the clipped updates compared."""
+    import subprocess
+    import tempfile
+
+    rows, grads = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in DP_MODES:
+            out = os.path.join(tmp, mode)
+            subprocess.run([sys.executable, __file__, "--part", "dp-mode", "--mode", mode, "--batch", str(batch),
+                            "--seq", str(seq), "--out", out], check=True)
+            with open(os.path.join(out, "row.json")) as f:
+                rows.append(json.load(f))
+            log(json.dumps(rows[-1]))
+            if mode != "non-private":
+                grads[mode] = torch.load(os.path.join(out, "grads.pt")).float()
+    diff = float((grads["gradaudit"] - grads["opacus"]).norm() / grads["opacus"].norm())
+    rows.append({"clipped_update_rel_diff": diff})
+    log(json.dumps(rows[-1]))
+    return rows
+
+
+def dp_mode(mode: str, batch: int, seq: int, out: str, steps: int = 5) -> None:
+    """One mode of part ``dp`` in this process: its row (time, peak memory) and its clipped update (bf16)
+    written to ``out``."""
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
@@ -170,82 +197,75 @@ def part_dp(log, batch=8, seq=1024, steps=5) -> list[dict]:
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen).to(device)
-    rows, grads = [], {}
-    for mode in ("non-private", "opacus", "gradaudit"):
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = LlamaForCausalLM(config).to(torch.bfloat16)
-        for name, p in model.named_parameters():
-            p.requires_grad_("embed_tokens" not in name and "norm" not in name)
-        criterion = torch.nn.CrossEntropyLoss()
-        if mode == "non-private":
-            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    for name, p in model.named_parameters():
+        p.requires_grad_("embed_tokens" not in name and "norm" not in name)
+    criterion = torch.nn.CrossEntropyLoss()
+    if mode == "non-private":
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
 
-            def step():
-                opt.zero_grad(set_to_none=True)
-                logits = model(ids).logits[:, :-1]
-                criterion(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
-                opt.step()
-        else:
-            gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
-                                                       max_grad_norm=1.0, use_ghost_clipping=True)
-            opt = DPOptimizerFastGradientClipping(torch.optim.SGD([p for p in gsm.parameters() if p.requires_grad], lr=0.0),
-                                                  noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=batch,
-                                                  loss_reduction="mean")
-            dp_loss = DPLossFastGradientClipping(gsm, opt, criterion, loss_reduction="mean")
+        def step():
+            opt.zero_grad(set_to_none=True)
+            logits = model(ids).logits[:, :-1]
+            criterion(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+            opt.step()
+    else:
+        gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
+                                                   max_grad_norm=1.0, use_ghost_clipping=True)
+        opt = DPOptimizerFastGradientClipping(torch.optim.SGD([p for p in gsm.parameters() if p.requires_grad], lr=0.0),
+                                              noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=batch,
+                                              loss_reduction="mean")
+        dp_loss = DPLossFastGradientClipping(gsm, opt, criterion, loss_reduction="mean")
 
-            def step():
-                opt.zero_grad(set_to_none=True)
-                logits = gsm(ids).logits[:, :-1]
-                dp_loss(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), shape=logits.shape).backward()
-                opt.step()
+        def step():
+            opt.zero_grad(set_to_none=True)
+            logits = gsm(ids).logits[:, :-1]
+            dp_loss(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), shape=logits.shape).backward()
+            opt.step()
 
-        context = use_gradaudit_norms() if mode == "gradaudit" else contextlib.nullcontext()
-        with context:
-            step(), step()  # warm-up: kernels compiled and tuned
+    context = use_gradaudit_norms() if mode == "gradaudit" else contextlib.nullcontext()
+    with context:
+        step(), step()  # warm-up: kernels compiled and tuned
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            times = []
-            for _ in range(steps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
+            times.append(start.elapsed_time(end))
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        if mode != "non-private":  # one more step: the extra memory of the norm sampler's calls alone
+            from opacus.grad_sample import GradSampleModuleFastGradientClipping as GSM
+
+            sampler, extra = GSM.NORM_SAMPLERS[torch.nn.Linear], []
+
+            def probe(layer, a, g):
                 torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            if mode != "non-private":  # one more step: the extra memory of the norm sampler's calls alone
-                from opacus.grad_sample import GradSampleModuleFastGradientClipping as GSM
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                norms = sampler(layer, a, g)
+                torch.cuda.synchronize()
+                extra.append((torch.cuda.max_memory_allocated() - before) / 2**20)
+                return norms
 
-                sampler, extra = GSM.NORM_SAMPLERS[torch.nn.Linear], []
-
-                def probe(layer, a, g):
-                    torch.cuda.synchronize()
-                    before = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
-                    out = sampler(layer, a, g)
-                    torch.cuda.synchronize()
-                    extra.append((torch.cuda.max_memory_allocated() - before) / 2**20)
-                    return out
-
-                GSM.NORM_SAMPLERS[torch.nn.Linear] = probe
-                step()
-                GSM.NORM_SAMPLERS[torch.nn.Linear] = sampler
-                sampler_mib = max(extra)
-                grads[mode] = torch.cat([p.grad.float().flatten().cpu() for p in model.parameters()
-                                         if p.requires_grad and p.grad is not None])
-        row = {"mode": mode, "batch": batch, "seq": seq, "ms": sorted(times)[len(times) // 2], "peak_gib": peak}
-        if mode != "non-private":
-            row["norm_sampler_peak_extra_mib"] = sampler_mib
-        rows.append(row)
-        log(json.dumps(row))
-        del model, opt, step  # the closure holds the model (and Opacus' wrappers): free all before the next mode
-        gsm = dp_loss = None
-        torch.cuda.empty_cache()
-    diff = float((grads["gradaudit"] - grads["opacus"]).norm() / grads["opacus"].norm())
-    rows.append({"clipped_update_rel_diff": diff})
-    log(json.dumps(rows[-1]))
-    return rows
+            GSM.NORM_SAMPLERS[torch.nn.Linear] = probe
+            step()
+            GSM.NORM_SAMPLERS[torch.nn.Linear] = sampler
+            sampler_mib = max(extra)
+            os.makedirs(out, exist_ok=True)
+            torch.save(torch.cat([p.grad.flatten().cpu() for p in model.parameters()
+                                  if p.requires_grad and p.grad is not None]), os.path.join(out, "grads.pt"))
+    row = {"mode": mode, "batch": batch, "seq": seq, "ms": sorted(times)[len(times) // 2], "peak_gib": peak}
+    if mode != "non-private":
+        row["norm_sampler_peak_extra_mib"] = sampler_mib
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "row.json"), "w") as f:
+        json.dump(row, f)
 
 
 def tables(folder: str, card: str) -> str:
@@ -279,8 +299,8 @@ def tables(folder: str, card: str) -> str:
     if dp:
         lines += ["## One DP-SGD step (ghost clipping) of a Llama-1B-shaped model", "",
                   "16 layers, d = 2048, vocab 128256, embeddings and norms frozen; forward, Opacus' two backwards and "
-                  "the SGD step, median of 5 after 2 warm-up steps. Peak memory of each mode in one process, "
-                  "modes in the order shown; the norm sampler's own extra memory per call measured on one more step.", "",
+                  "the SGD step, median of 5 after 2 warm-up steps. Peak memory of each mode in its own process "
+                  "(files noted below: all modes in one process, in the order shown); the norm sampler's own extra memory per call measured on one more step.", "",
                   "| B × T | mode | ms | × non-private | peak GiB | norm sampler extra MiB (max per call) |", "|---|---|---|---|---|---|"]
         runs = {}
         for name in dp:
@@ -306,7 +326,8 @@ def tables(folder: str, card: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("layers", "dp", "tables"), required=True)
+    ap.add_argument("--part", choices=("layers", "dp", "dp-mode", "tables"), required=True)
+    ap.add_argument("--mode", choices=DP_MODES, help="--part dp-mode (run by --part dp): one mode of the DP step")
     ap.add_argument("--card", default=None, help="--part tables: the card whose JSON files to tabulate")
     ap.add_argument("--model", choices=sorted(SHAPES), default="1b")
     ap.add_argument("--batch", type=int, default=8)
@@ -315,6 +336,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.part == "tables":
         print(tables(args.out, args.card))
+        return 0
+    if args.part == "dp-mode":
+        dp_mode(args.mode, args.batch, args.seq, args.out)
         return 0
     card = torch.cuda.get_device_name()
     os.makedirs(args.out, exist_ok=True)
