@@ -8,6 +8,7 @@ import glob
 import os
 import sys
 
+from gradaudit import distributed
 from gradaudit.errors import (ConfigError, CorruptFile, FormatMissing, GradAuditError, IdCollision, LabelsMissing,
                               ManifestChanged, ManifestError, ManifestsError, ModelError, NonFiniteStats, OptionError,
                               RunBusy, RunMismatch, StageMissing)
@@ -147,6 +148,8 @@ def main(argv=None) -> int:
 
             before = _skip_records(workflow.AuditConfig.load(args.config).run)
             result = workflow.run_audit(args.config, progress=not args.no_progress)
+            if not result:  # under torchrun, a rank other than 0: rank 0 fits, reports and says the verdict
+                return 0
             folder = RunFolder(result["run"])
             _report_skipped(result["run"], before)
             print(verdict(result))
@@ -160,10 +163,14 @@ def main(argv=None) -> int:
         before = _skip_records(args.run)
         if args.command == "reference":
             folder = workflow.reference(args.model, args.manifest, args.run, split=not args.no_split, **kw)
+            if not distributed.world().main:
+                return 0
             print(f"reference written to {folder.reference_path}; statistics of set 'reference_members' in "
                   f"{folder.path}/stats/reference_members")
         else:
             folder = capture.run_extract(args.model, args.manifest, args.run, args.name, backend=args.backend, **kw)
+            if not distributed.world().main:
+                return 0
             print(f"statistics of set '{args.name}' in {folder.path}/stats/{args.name}")
         _report_skipped(args.run, before)
     except (GradAuditError, ValueError) as exc:  # ValueError: a bad argument caught deep in the library

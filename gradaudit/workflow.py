@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gradaudit import distributed
 from gradaudit.audit import per_pair
 from gradaudit.audit.baselines import all_baselines
 from gradaudit.audit.collection import (CollectionAudit, audit_collection, blind_features, members_test, model_features,
@@ -54,7 +55,7 @@ from gradaudit.audit.method import SliceSet
 from gradaudit.audit.per_pair import Evaluation, Fit, ScoredSet
 from gradaudit.audit.protocol import min_pairs
 from gradaudit.audit.variants import VARIANTS
-from gradaudit.capture import Options, run_extract, run_reference
+from gradaudit.capture import Options, joined, run_extract, run_reference
 from gradaudit.errors import ConfigError, ManifestError, ManifestsError, OptionError
 from gradaudit.report import render
 from gradaudit.store.cells import spreadsheet_safe
@@ -367,6 +368,15 @@ def _named_after_sources(sources: dict[str, str]):
         raise ManifestError(sources[exc.path], exc.problems) from None
 
 
+def _derived(path: str, pairs: list[Pair], **how) -> str:
+    """A manifest the audit derives (``write_pairs``), written by rank 0 alone under torchrun; every rank
+    gets its path once it is whole."""
+    with distributed.main_first() as w:
+        if w.main:
+            write_pairs(path, pairs, **how)
+    return path
+
+
 def split_members(manifest: str, run: str, on_error: str, allow_outside: bool = False) -> tuple[str, str]:
     """Alternate lines of the reference members: the first half builds R, the second is scored against
     it exactly as a member probe is (never in R). Scoring reference members leave-one-out instead was
@@ -377,8 +387,8 @@ def split_members(manifest: str, run: str, on_error: str, allow_outside: bool = 
     builders, fitters = _halves(pairs, manifest)
     folder = RunFolder(run)
     folder.record_skipped("reference_members", problems_as_records(problems))
-    return (write_pairs(folder.manifest_path("r_builders"), builders, at_source_lines=True),
-            write_pairs(folder.manifest_path("fit_members"), fitters, at_source_lines=True))
+    return (_derived(folder.manifest_path("r_builders"), builders, at_source_lines=True),
+            _derived(folder.manifest_path("fit_members"), fitters, at_source_lines=True))
 
 
 def reference(model: str, manifest: str, run: str, split: bool = True, **capture) -> RunFolder:
@@ -388,7 +398,7 @@ def reference(model: str, manifest: str, run: str, split: bool = True, **capture
     against an R they are not in, as a member probe is. Else every member builds R and is extracted as
     reference_members, scored leave-one-out (the protocol measured optimistic). Resumable; holds the
     run folder's writer lock. ``capture``: the fields of ``capture.Options``."""
-    Options.of(**capture)  # a bad option stops the step before anything is read or written
+    joined(Options.of(**capture))  # a bad option stops the step before anything is read or written
     folder = RunFolder(run)
     with folder.writing("reference"):
         builders = members = manifest
@@ -408,13 +418,13 @@ def collection_reference(model: str, manifest: str, run: str, seed: int = 0, **c
     """Without known members, R is the mean gradient of the half of the collection that fits the collection
     audit's aggregator (``audit.collection.split``, the same halves): its pairs are scored leave-one-out,
     the tested half is never in R."""
-    Options.of(**capture)
+    joined(Options.of(**capture))
     folder = RunFolder(run)
     with folder.writing("reference"):
         pairs, _ = read_manifest(manifest, capture.get("on_error", "stop"), allow_outside=capture.get("allow_outside", False))
         _halves(pairs, manifest)
         fit = split([p.id for p in pairs], seed=seed)
-        builders = write_pairs(folder.manifest_path("collection_builders"), [p for p, f in zip(pairs, fit) if f],
+        builders = _derived(folder.manifest_path("collection_builders"), [p for p, f in zip(pairs, fit) if f],
                                at_source_lines=True)
         with _named_after_sources({builders: manifest}):
             run_reference(model, builders, run, **dict(capture, allow_outside=True))
@@ -425,7 +435,7 @@ def association_manifest(probes: str, run: str, on_error: str, allow_outside: bo
     """The association test's negatives: the audited pairs labelled members (all of them when unlabelled),
     each image with another of those pairs' texts, each on its line of ``probes``."""
     correct = _correct_probes(read_manifest(probes, on_error, allow_outside=allow_outside)[0], probes)
-    return write_pairs(RunFolder(run).manifest_path("shuffled"), correct, texts=shuffled_texts(correct),
+    return _derived(RunFolder(run).manifest_path("shuffled"), correct, texts=shuffled_texts(correct),
                        id_suffix=SHUFFLED, at_source_lines=True)
 
 
@@ -443,9 +453,12 @@ def association(run: str, fitted: Fit, scored: ScoredSet) -> dict:
 def run_audit(config_path: str, progress: bool = True) -> dict:
     """Runs (or resumes) the audit a TOML file describes; returns the metrics written to metrics.json.
     Every key, value and manifest line is checked before a model is loaded or a file written; the run
-    folder's writer lock is held throughout, so another writer is refused, not interleaved."""
+    folder's writer lock is held throughout, so another writer is refused, not interleaved. Under
+    torchrun every rank captures its share, and rank 0 alone fits, scores and reports; the other ranks
+    return an empty dict."""
     cfg = AuditConfig.load(config_path)
     cfg.check_manifests()
+    joined(Options.of(**{k: v for k, v in cfg.options.items() if k in CAPTURE_OPTIONS}))
     with RunFolder(cfg.run).writing("audit"):
         return _audit(cfg, config_path, progress)
 
@@ -467,6 +480,8 @@ def _audit(cfg: AuditConfig, config_path: str, progress: bool) -> dict:
         shuffled = association_manifest(cfg.data["probes"], cfg.run, cfg.option("on_error"), cfg.option("allow_outside"))
         with _named_after_sources({shuffled: cfg.data["probes"]}):
             run_extract(cfg.model, shuffled, cfg.run, "shuffled", **dict(capture, allow_outside=True))
+    if not distributed.leave().main:  # the capture is done: rank 0 alone fits and reports, the others end
+        return {}
     audited = collection(cfg.run, "probes", cfg.option("method"), cfg.option("folds"))
     if not with_members:
         return write_outputs(cfg.run, None, None, collection=audited, config=os.path.abspath(config_path))

@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "gradaudit"
 # docs/layout.md: a unit imports only from units on lower floors (and from inside itself).
 FLOORS = {
     # the package root loads nothing eagerly (its public names come from gradaudit.ops on first use)
-    "gradaudit": 0, "gradaudit.errors": 0, "gradaudit.schema": 0, "gradaudit.kernels": 0, "gradaudit._C": 0,
+    "gradaudit": 0, "gradaudit.errors": 0, "gradaudit.schema": 0, "gradaudit.distributed": 0, "gradaudit.kernels": 0, "gradaudit._C": 0,
     "gradaudit.ops": 1,
     "gradaudit.store": 2, "gradaudit.grads": 2,
     "gradaudit.models": 3, "gradaudit.integrations": 3,

@@ -90,6 +90,13 @@ class BatchResult:
         return out
 
 
+def join_chunks(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The :meth:`BatchResult.tensors` of two consecutive parts of a batch as those of the whole batch."""
+    out = {k: torch.cat([v, second[k]]) for k, v in first.items() if k != "token_offsets"}
+    out["token_offsets"] = torch.cat([first["token_offsets"], second["token_offsets"][1:] + first["token_offsets"][-1]])
+    return out
+
+
 def batch_stats(model, batch: dict, layout: Layout, targets: list[Target], refs: dict | None = None, *,
                 backend: str = "auto") -> BatchResult:
     """Per-sample slice statistics of every target for one batch, against ``refs[name]`` (R) if given,

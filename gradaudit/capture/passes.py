@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from gradaudit.capture.engine import batch_stats, reference_sums
+from gradaudit import distributed
+from gradaudit.capture.engine import batch_stats, join_chunks, reference_sums
 from gradaudit.capture.format_check import candidates, format_table, rank_formats
 from gradaudit.errors import ConfigError, ManifestError, OptionError
 from gradaudit.models import (PRESETS, PromptFormat, batch_layout, encode_pairs, fingerprint, load_model, prompt_format,
@@ -113,11 +114,31 @@ def _setup(model_dir, folder: RunFolder, opt: Options):
     model.train(opt.mode == "train")
     targets = select_targets(model, opt.preset, opt.pattern)
     fmt = prompt_format(model, processor, opt.prompt_format)
-    folder.bind(fingerprint(model, targets) | {"mode": opt.mode, "autocast": opt.autocast,  # compared
-                                               "prompt_format": fmt.spec,
-                                               "model": os.path.abspath(model_dir),  # recorded only
-                                               "model_type": model.config.model_type, "adapter": opt.adapter})
+    with distributed.main_first():  # rank 0 writes the fingerprint; the others find it and compare
+        folder.bind(fingerprint(model, targets) | {"mode": opt.mode, "autocast": opt.autocast,  # compared
+                                                   "prompt_format": fmt.spec,
+                                                   "model": os.path.abspath(model_dir),  # recorded only
+                                                   "model_type": model.config.model_type, "adapter": opt.adapter})
     return model, processor, targets
+
+
+def joined(opt: Options) -> Options:
+    """Joins the torchrun group, if launched in one (``gradaudit.distributed``), and returns the options
+    of this rank: "cuda" becomes this rank's GPU. Before a run folder's lock is taken: rank 0 takes it
+    for all."""
+    try:
+        _, device = distributed.join(opt.device)
+    except ValueError as exc:
+        raise OptionError("device", str(exc)) from None
+    return dataclasses.replace(opt, device=device)
+
+
+def _bind(folder: RunFolder, name: str | None, pairs: list[Pair], problems: list[Problem]) -> dict[str, str]:
+    """Records the skipped lines and binds the pass to its pairs (rank 0 first; the others then compare)."""
+    with distributed.main_first() as w:
+        if w.main:
+            folder.record_skipped("reference" if name is None else name, problems_as_records(problems))
+        return folder.bind_pairs(name, pairs)
 
 
 def _encode(model, processor, pairs: list[Pair], opt: Options) -> dict:
@@ -145,7 +166,7 @@ def _too_long(processor, model, pairs: list[Pair], opt: Options) -> list[Problem
     return problems
 
 
-def _pairs(manifest, opt: Options, processor, model):
+def _pairs(manifest, opt: Options, processor, model) -> tuple[list[Pair], list[Problem]]:
     pairs, problems = read_manifest(manifest, opt.on_error, allow_outside=opt.allow_outside)
     long = _too_long(processor, model, pairs, opt)
     if long and opt.on_error == "stop":
@@ -154,29 +175,42 @@ def _pairs(manifest, opt: Options, processor, model):
     return [p for p in pairs if p.id not in bad], problems + long
 
 
-def _each_batch(todo: list[Pair], total: int, desc: str, model, processor, opt: Options, work) -> None:
-    """Runs ``work(pairs, batch)`` over batches of similar length with a progress bar (pairs/s, ETA).
-    On a CUDA out-of-memory error the batch is halved and retried, down to single pairs."""
-    bar = tqdm(total=total, initial=total - len(todo), unit="pair", desc=desc, disable=not opt.progress)
+def _each_batch(batches: list[tuple[int, list[Pair]]], total: int, desc: str, model, processor, opt: Options,
+                compute, merge, keep) -> None:
+    """For each (index, pairs) of ``batches``: ``keep(index, pairs, compute(pairs, batch))``, with a progress
+    bar (pairs/s, ETA) over the ``total`` pairs of the pass, those done before included — under torchrun
+    over rank 0's share alone. On a CUDA out-of-memory error
+    a batch is computed in halves, down to single pairs, and the halves' results joined by ``merge``, so
+    a batch keeps its one result (and its chunk number) however it was computed."""
+    w = distributed.world()
+    todo = sum(len(chunk) for _, chunk in batches)
+    if w.size > 1:
+        total, desc = todo, f"{desc} (rank 0's share of {w.size})"
+    bar = tqdm(total=total, initial=total - todo, unit="pair", desc=desc, disable=not opt.progress or not w.main)
 
     def run(chunk):
         try:
             batch = _encode(model, processor, chunk, opt)
-            work(chunk, {k: v.to(opt.device) for k, v in batch.items()})
+            return compute(chunk, {k: v.to(opt.device) for k, v in batch.items()})
         except torch.OutOfMemoryError:
             if len(chunk) == 1:
                 raise
             torch.cuda.empty_cache()
             half = len(chunk) // 2
             bar.write(f"out of memory on a batch of {len(chunk)}: going on with {half} and {len(chunk) - half}")
-            run(chunk[:half])
-            run(chunk[half:])
-            return
-        bar.update(len(chunk))
+            return merge(run(chunk[:half]), run(chunk[half:]))
 
-    for chunk in batches_by_length(todo, opt.batch_size):
-        run(chunk)
+    for index, chunk in batches:
+        keep(index, chunk, run(chunk))
+        bar.update(len(chunk))
     bar.close()
+
+
+def _shares(todo: list[Pair], opt: Options) -> list[tuple[int, list[Pair]]]:
+    """This rank's batches of the pairs still to do, numbered: the same batches (of similar length) as
+    one process makes, every world-size-th to this rank — so each batch, and what is computed from it,
+    is the same whatever the number of processes."""
+    return distributed.share(list(enumerate(batches_by_length(todo, opt.batch_size))))
 
 
 def _autocast(opt: Options):
@@ -199,8 +233,11 @@ def _warn_if_another_format_fits(model, processor, members: list[Pair], opt: Opt
 def run_reference(model_dir: str, manifest: str, run: str, **options) -> RunFolder:
     """Sums each selected weight's gradient over the manifest's pairs (the reference members) into the
     run folder; rerunning continues where it stopped. Holds the folder's writer lock throughout (another
-    writer is refused). ``options``: the fields of :class:`Options`."""
-    opt = Options.of(**options)
+    writer is refused). ``options``: the fields of :class:`Options`.
+
+    Under torchrun each rank sums its share of the batches and R is their all-reduced sum, written by
+    rank 0; an interrupted pass keeps each rank's partial sums and resumes with any number of ranks."""
+    opt = joined(Options.of(**options))
     folder = RunFolder(run)
     with folder.writing("reference pass"):
         _reference_pass(model_dir, manifest, folder, opt)
@@ -209,52 +246,84 @@ def run_reference(model_dir: str, manifest: str, run: str, **options) -> RunFold
 
 def _reference_pass(model_dir: str, manifest: str, folder: RunFolder, opt: Options) -> None:
     """The reference pass, under the writer lock."""
-    run = folder.path
+    w = distributed.world()
     model, processor, targets = _setup(model_dir, folder, opt)
     pairs, problems = _pairs(manifest, opt, processor, model)
-    folder.record_skipped("reference", problems_as_records(problems))
-    digests = folder.bind_pairs(None, pairs)  # another manifest than R was started from is refused
-    sums, ids, complete = folder.load_reference()
+    digests = _bind(folder, None, pairs, problems)  # another manifest than R was started from is refused
+    with distributed.main_first():
+        if w.main:
+            folder.merge_reference_parts()  # the partial sums of an interrupted run of several ranks
+    stored, ids, complete = folder.load_reference()
     if complete:
-        if not os.path.exists(folder.reference_norms_path):  # deleted to be computed anew
-            folder.save_reference(sums, ids, [digests[i] for i in ids], complete=True)
-        print(f"{run}: the reference pass is complete ({len(ids)} pairs)", file=sys.stderr)
+        with distributed.main_first():
+            if w.main and not os.path.exists(folder.reference_norms_path):  # deleted to be computed anew
+                folder.save_reference(stored, ids, [digests[i] for i in ids], complete=True)
+        if w.main:
+            print(f"{folder.path}: the reference pass is complete ({len(ids)} pairs)", file=sys.stderr)
         return
-    if not ids:
+    if not ids and w.main:
         _warn_if_another_format_fits(model, processor, pairs, opt)
+    done = set(ids)
+    mine = _shares([p for p in pairs if p.id not in done], opt)
+    distributed.barrier()  # every rank has read the folder before rank 0 rewrites R
 
-    # R's sums stay on the device; they are saved after every batch while small, else once a minute,
-    # and on Ctrl-C. Sums and ids change together, in one assignment, so a save never mixes them.
-    state = [{k: v.to(opt.device) for k, v in sums.items()}, list(ids)]
-    small = sum(t.module.weight.numel() for t in targets) * 4 <= 256 * 2**20
+    # This rank's sums, in float64 (so that the all-reduced sum of several ranks equals one process's sum
+    # but for a rounding below float32's), stay on their weights' devices, apart from what R held (rank 0
+    # adds that at the end); they are saved after every batch while small, else once a minute, and on
+    # Ctrl-C. Sums and ids change together, in one assignment, so a save never mixes them.
+    zeros = {t.name: torch.zeros_like(t.module.weight, dtype=torch.float64) for t in targets}
+    state = [zeros, [], []]  # sums, ids, (batch index, ids) of each batch
+    small = sum(t.module.weight.numel() for t in targets) * 8 <= 256 * 2**20
     last_save = [time.monotonic()]
 
-    def save(complete=False):
-        folder.save_reference(state[0], state[1], [digests[i] for i in state[1]], complete)
+    def save():
+        sums, done_ids, _ = state
+        if w.size == 1:
+            total = {k: v + stored[k].to(v) if k in stored else v for k, v in sums.items()}
+            folder.save_reference(total, ids + done_ids, [digests[i] for i in ids + done_ids], complete=False)
+        elif done_ids:
+            folder.save_reference_part(w.rank, sums, done_ids, [digests[i] for i in done_ids])
         last_save[0] = time.monotonic()
 
-    def work(chunk, batch):
+    def compute(chunk, batch):
         with _autocast(opt):
             part, _ = reference_sums(model, [(batch, batch_layout(model, batch))], targets)
-        total = {name: state[0][name] + value if name in state[0] else value for name, value in part.items()}
-        state[:] = [total, state[1] + [p.id for p in chunk]]
+        return part
+
+    def keep(index, chunk, part):
+        sums, done_ids, order = state
+        state[:] = [{k: v + part[k].double() for k, v in sums.items()}, done_ids + [p.id for p in chunk],
+                    order + [(index, [p.id for p in chunk])]]
         if small or time.monotonic() - last_save[0] > 60:
             save()
 
-    done = set(ids)
+    def add(a, b):
+        return {k: a[k] + b[k] for k in a}
+
     try:
-        _each_batch([p for p in pairs if p.id not in done], len(pairs), "reference", model, processor, opt, work)
+        _each_batch(mine, len(pairs), "reference", model, processor, opt, compute, add, keep)
     except KeyboardInterrupt:
         save()
         raise
-    save(complete=True)
+    sums = distributed.all_reduce_sum(state[0])
+    batches = sorted(b for part in distributed.gather(state[2]) for b in part)  # one process's order
+    with distributed.main_first():
+        if w.main:
+            total = {k: v + stored[k].to(v) if k in stored else v for k, v in sums.items()}
+            order = ids + [pid for _, chunk_ids in batches for pid in chunk_ids]
+            folder.save_reference(total, order, [digests[i] for i in order], complete=True)
+            for rank in range(w.size):  # R holds them now (a part left by a crash here is stale: removed on resume)
+                folder.remove_reference_part(rank)
 
 
 def run_extract(model_dir: str, manifest: str, run: str, name: str, **options) -> RunFolder:
     """Per-sample statistics of the manifest's pairs against the run's R, stored as set ``name``, a
     chunk per batch; rerunning skips the pairs already stored. Holds the folder's writer lock throughout
-    (another writer is refused). ``options``: the fields of :class:`Options`."""
-    opt = Options.of(**options)
+    (another writer is refused). ``options``: the fields of :class:`Options`.
+
+    Under torchrun each rank captures its share of the batches and writes their chunks, numbered as one
+    process numbers them; a rerun, with any number of ranks, does only the pairs no chunk holds."""
+    opt = joined(Options.of(**options))
     folder = RunFolder(run)
     with folder.writing(f"extract set {name}", create=False):  # R must be there already
         _extract_pass(model_dir, manifest, folder, name, opt)
@@ -265,19 +334,23 @@ def _extract_pass(model_dir: str, manifest: str, folder: RunFolder, name: str, o
     """The statistics pass of set ``name``, under the writer lock."""
     model, processor, targets = _setup(model_dir, folder, opt)
     refs, _, ref_sha = folder.reference()
-    refs = {k: v.to(opt.device) for k, v in refs.items()}
+    refs = {t.name: refs[t.name].to(t.module.weight.device) for t in targets}  # beside its layer
     pairs, problems = _pairs(manifest, opt, processor, model)
-    folder.record_skipped(name, problems_as_records(problems))
-    digests = folder.bind_pairs(name, pairs)  # another manifest than the set was started from is refused
+    digests = _bind(folder, name, pairs, problems)  # another manifest than the set was started from is refused
     refuse_id_collisions(name, digests, "the pairs that built R", folder.reference_pairs())
     done = folder.done_ids(name, ref_sha)
+    first = folder.next_chunk_index(name)
+    mine = _shares([p for p in pairs if p.id not in done], opt)
+    distributed.barrier()  # every rank has read the folder before any writes to it
 
-    def work(chunk, batch):
+    def compute(chunk, batch):
         with _autocast(opt):
-            result = batch_stats(model, batch, batch_layout(model, batch), targets, refs, backend=opt.backend)
-        folder.save_chunk(name, chunk, result.tensors(), ref_sha)
+            return batch_stats(model, batch, batch_layout(model, batch), targets, refs, backend=opt.backend).tensors()
 
-    _each_batch([p for p in pairs if p.id not in done], len(pairs), name, model, processor, opt, work)
+    def keep(index, chunk, tensors):
+        folder.save_chunk(name, chunk, tensors, ref_sha, index=first + index)
+
+    _each_batch(mine, len(pairs), name, model, processor, opt, compute, join_chunks, keep)
 
 
 def selection_table(model_dir: str, preset: str = "paper", pattern: str | None = None,

@@ -33,7 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gradaudit.errors import ConfigError, CorruptFile, ManifestChanged, NonFiniteStats, RunMismatch, StageMissing
+from gradaudit import distributed
+from gradaudit.errors import (ConfigError, CorruptFile, GradAuditError, ManifestChanged, NonFiniteStats, RunMismatch,
+                              StageMissing)
 from gradaudit.schema import STAT_KEYS
 from gradaudit.store.integrity import (TEMPORARY, Unverified, pair_digest, read_metadata, read_tensors, read_text,
                                        refuse_id_collisions, save_tensors, tensors_sha256, write_text)
@@ -104,7 +106,33 @@ class RunFolder:
         second writer is refused at once with ``RunBusy``. ``create``: make the folder if it is absent
         (the reference pass, the audit); otherwise an absent folder is ``StageMissing`` (the extract
         and the fit write only where R is). The outermost holder also removes the temporary files of writers that
-        were killed: while the lock is held, nobody else is writing one."""
+        were killed: while the lock is held, nobody else is writing one.
+
+        Under torchrun (``gradaudit.distributed``) the group is one writer: rank 0 takes the lock for all
+        ranks (a rank whose rank 0 is refused raises too), and lets it go only once every rank has left
+        the block. A collective: every rank enters it."""
+        w = distributed.world()
+        if w.size == 1:
+            with self._locked(command, create):
+                yield self
+            return
+        with contextlib.ExitStack() as held:
+            refused = None
+            if w.main:
+                try:
+                    held.enter_context(self._locked(f"{command} (rank 0 of {w.size}, for every rank)", create))
+                except GradAuditError as exc:
+                    refused = exc
+            message = distributed.broadcast(None if refused is None else str(refused))
+            if refused is not None:
+                raise refused
+            if message is not None:
+                raise GradAuditError(f"rank 0 could not start {command!r} in {self.path}: {message}")
+            yield self
+            distributed.barrier()  # every rank's writes are done before rank 0 lets the lock go
+
+    @contextlib.contextmanager
+    def _locked(self, command: str, create: bool):
         if not os.path.isdir(self.path):
             if not create:
                 raise self._nothing_captured()
@@ -228,6 +256,50 @@ class RunFolder:
             save_tensors(self.reference_norms_path, norms, meta_norms, "reference norms")
         save_tensors(self.reference_path, tensors, meta, "reference sums")
 
+    def _reference_parts(self) -> list[str]:
+        return sorted(glob.glob(self._file("reference-part-*.safetensors")))
+
+    def save_reference_part(self, rank: int, sums: dict[str, torch.Tensor], ids: list[str], digests: list[str]) -> None:
+        """One rank's share of an unfinished distributed reference pass: the sums of its batches so far (not
+        of what reference.safetensors already held) over ``ids``. Folded into R by
+        :meth:`merge_reference_parts` when a pass resumes, whatever the world size then."""
+        meta = {"ids": json.dumps(ids), "digests": json.dumps(digests), "n": str(len(ids))}
+        save_tensors(self._file(f"reference-part-{rank}.safetensors"), {k: v.contiguous().cpu() for k, v in sums.items()},
+                     meta, "reference part")
+
+    def remove_reference_part(self, rank: int) -> None:
+        """Removes rank ``rank``'s part, once R holds its sums (nothing if there is none)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._file(f"reference-part-{rank}.safetensors"))
+
+    def merge_reference_parts(self) -> None:
+        """Folds the parts of an interrupted distributed reference pass into reference.safetensors (not
+        complete) and removes them; rank 0 does it, under the lock, before the pass resumes. A part whose
+        pairs R already holds was folded before a crash and is only removed; a part holding some of them
+        is refused as ``CorruptFile``."""
+        parts = self._reference_parts()
+        if not parts:
+            return
+        sums, ids, complete = self.load_reference()
+        digests = self.reference_pairs()
+        grew = False
+        for path in parts:
+            part, meta = self._verified(lambda p: read_tensors(p, "reference part"), path, "reference")
+            part_ids, part_digests = json.loads(meta["ids"]), json.loads(meta["digests"])
+            self._check_bound(None, part_ids, part_digests)
+            held = [pid for pid in part_ids if pid in digests]
+            if len(held) == len(part_ids):
+                continue
+            if held:
+                raise CorruptFile(path, f"holds some pairs the reference holds too (e.g. id {held[0]!r})", "reference")
+            sums = {k: sums[k].double() + v.double() if k in sums else v.double() for k, v in part.items()}
+            digests.update(zip(part_ids, part_digests))
+            ids, grew = ids + part_ids, True
+        if grew:
+            self.save_reference(sums, ids, [digests[pid] for pid in ids], complete=False)
+        for path in parts:
+            os.remove(path)
+
     def reference_norms(self) -> dict[str, torch.Tensor]:
         """R's squared row and column norms per weight, written when the reference pass completed."""
         if not os.path.exists(self.reference_norms_path):
@@ -267,7 +339,7 @@ class RunFolder:
             raise NonFiniteStats(self.reference_path, [], "reference")
         with open(self.reference_path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
-        return {k: v / len(ids) for k, v in sums.items()}, len(ids), digest
+        return {k: (v.double() / len(ids)).float() for k, v in sums.items()}, len(ids), digest
 
     # statistics ----------------------------------------------------------------------------------
     def _stats_dir(self, name: str) -> str:
@@ -304,15 +376,21 @@ class RunFolder:
             done.update(json.loads(meta["ids"]))
         return done
 
-    def save_chunk(self, name: str, pairs: list, tensors: dict[str, torch.Tensor], ref_sha: str) -> str:
+    def next_chunk_index(self, name: str) -> int:
+        """The number the next chunk of set ``name`` gets: one after the last stored."""
+        chunks = self._chunks(name)
+        return int(os.path.basename(chunks[-1])[len("chunk-"):-len(".safetensors")]) + 1 if chunks else 0
+
+    def save_chunk(self, name: str, pairs: list, tensors: dict[str, torch.Tensor], ref_sha: str,
+                   index: int | None = None) -> str:
         """Stores one batch of ``pairs`` (manifest.Pair): ``tensors`` holds per weight
         "<weight>|<stat>" (B, d); "loss" (B,); "tokens" (N_text, 8) with "token_offsets" (B+1,) (the
         fields of schema.TOKEN_FIELDS). The pairs' ids, content digests, texts, labels and image statistics
         (``manifest.IMAGE_STATS``, for the blind guard) go in the metadata, so that later steps need only
         the run folder. The chunk is numbered after the last
-        one, so that a chunk deleted to be recomputed never makes a later one be overwritten."""
-        chunks = self._chunks(name)
-        index = int(os.path.basename(chunks[-1])[len("chunk-"):-len(".safetensors")]) + 1 if chunks else 0
+        one (``index``: the number it gets, which ranks writing side by side take from one count), so that a
+        chunk deleted to be recomputed never makes a later one be overwritten."""
+        index = self.next_chunk_index(name) if index is None else index
         path = os.path.join(self._stats_dir(name), f"chunk-{index:06d}.safetensors")
         meta = {"ids": json.dumps([p.id for p in pairs]), "digests": json.dumps([pair_digest(p) for p in pairs]),
                 "reference_sha256": ref_sha,
