@@ -45,7 +45,10 @@ def _common(p: argparse.ArgumentParser, with_data: bool = True) -> None:
                        help="read images outside the manifest's folder (absolute paths elsewhere, ../); refused "
                             "by default, since a manifest may come from someone else")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-        p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+        p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (under torchrun, cuda: each rank's GPU)")
+        p.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
+                       help="a model larger than one GPU: placed across this machine's GPUs by accelerate, in one "
+                            "process (a table of module names to devices: device_map in an audit file)")
         p.add_argument("--mode", default="eval", choices=["eval", "train"],
                        help="train keeps dropout on (no leave-one-out features later)")
         p.add_argument("--autocast", choices=["bfloat16", "float16"], help="run the forward pass under autocast")
@@ -159,6 +162,7 @@ def main(argv=None) -> int:
         kw = dict(adapter=args.adapter, preset=args.preset, pattern=args.pattern, batch_size=args.batch_size,
                   on_error=args.on_error, dtype=args.dtype, device=args.device, mode=args.mode,
                   autocast=args.autocast, prompt_format=args.prompt_format, progress=not args.no_progress,
+                  device_map=args.device_map,
                   allow_outside=args.allow_images_outside)
         before = _skip_records(args.run)
         if args.command == "reference":

@@ -20,7 +20,9 @@ sets it was made from are unchanged.
     association_test = false          # also score the probes labelled members (all, if unlabelled)
                                       # against their images with other probes' texts
     batch_size = 8
-    device = "cpu"                    # or "cuda", "cuda:N"
+    device = "cpu"                    # or "cuda", "cuda:N"; under torchrun "cuda" is each rank's GPU
+    device_map = "auto"               # optional: a model larger than one GPU, placed across this machine's
+                                      # GPUs by accelerate (or a table: module name = device)
     on_error = "stop"                 # or "skip": leave bad manifest lines out, recorded in
                                       # RUN/skipped/<set>.jsonl
     allow_outside = false             # true: read images outside their manifest's folder
@@ -72,7 +74,7 @@ KEYS = ("model", "run", "data", "adapter", "preset", "pattern", "options")
 # [options]: the audit's own, then those of the capture (the fields of capture.Options the file may set)
 AUDIT_OPTIONS = {"method": "auto", "folds": 5, "split_reference": True, "association_test": False}
 CAPTURE_OPTIONS = ("batch_size", "on_error", "dtype", "device", "backend", "mode", "autocast", "allow_outside",
-                   "prompt_format")
+                   "prompt_format", "device_map")
 
 
 @dataclass

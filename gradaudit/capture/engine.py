@@ -50,13 +50,14 @@ def _backward(model, batch: dict, targets, reduce, tokens: list | None = None) -
 def reference_sums(model, batches: Iterable[tuple[dict, Layout]], targets: list[Target]):
     """Σ over samples of each target's per-sample gradient G_b (fp32, shaped like the weight) and the
     number of samples N. R = sums / N. One Δᵀx product per layer and batch: no per-sample work."""
-    sums = {t.name: torch.zeros_like(t.module.weight, dtype=torch.float32) for t in targets}
+    sums = {}  # on the device each layer runs on (a weight a device map keeps on disk is on meta between passes)
     count = 0
     for batch, layout in batches:
         def reduce(target, xs, grads):
             for x, grad in zip(xs, grads):  # Σ_b G_b: the calls of a layer simply add up
                 x, grad, _ = layout.pack(target.domain, x, grad)
-                sums[target.name] += grad.float().T @ x.float()
+                part = grad.float().T @ x.float()
+                sums[target.name] = sums[target.name] + part if target.name in sums else part
 
         _backward(model, batch, targets, reduce)
         count += layout.num_samples
@@ -107,7 +108,7 @@ def batch_stats(model, batch: dict, layout: Layout, targets: list[Target], refs:
 
     def reduce(target, xs, grads):
         x, grad, offsets = merge_calls([layout.pack(target.domain, x, g) for x, g in zip(xs, grads)])
-        ref = refs[target.name] if refs is not None else None
+        ref = refs[target.name].to(x.device) if refs is not None else None  # a no-op but under a disk offload
         out[target.name] = slice_stats(x, grad.to(x.dtype), offsets, ref, backend=backend)
 
     base = _base_tokens(model, batch)

@@ -20,11 +20,14 @@ from gradaudit.capture.format_check import candidates, format_table, rank_format
 from gradaudit.errors import ConfigError, ManifestError, OptionError
 from gradaudit.models import (PRESETS, PromptFormat, batch_layout, encode_pairs, fingerprint, load_model, prompt_format,
                               select_targets)
-from gradaudit.models.loading import DTYPES
+from gradaudit.models.loading import DTYPES, input_device
 from gradaudit.ops.backends import NAMES as BACKENDS
 from gradaudit.store.integrity import refuse_id_collisions
 from gradaudit.store.manifest import Pair, Problem, batches_by_length, problems_as_records, read_manifest
 from gradaudit.store.runfolder import RunFolder
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placements
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ class Options:
     under autocast; ``prompt_format`` is how pairs become the model's text ("chat-template", "plain" or a
     template: gradaudit.models.formats). All three are part of the run's fingerprint. ``allow_outside``:
     read images outside a manifest's folder (refused by default: a manifest may come from someone else).
+    ``device_map``: a model larger than one GPU placed across the machine's by accelerate ("auto", …, or
+    a table of module names to devices; ``models.load_model``), one process; not part of the fingerprint
+    (where a layer runs does not change what it computes).
 
     Every value is checked when the options are made, before a model is loaded, since they come from
     a command line or a TOML file: a wrong type, an unknown choice, a regular expression that does not
@@ -52,6 +58,7 @@ class Options:
     prompt_format: str | None = None
     progress: bool = True
     allow_outside: bool = False
+    device_map: str | dict | None = None
 
     @classmethod
     def of(cls, **options) -> Options:
@@ -89,6 +96,18 @@ class Options:
             except ConfigError as exc:
                 raise OptionError("prompt_format", str(exc)) from None
         self._check_device(self.device)
+        self._check_device_map(self.device_map)
+
+    @staticmethod
+    def _check_device_map(device_map) -> None:
+        """None, one of accelerate's placements, or a dict of module names to devices."""
+        if device_map is None or (isinstance(device_map, str) and device_map in DEVICE_MAPS):
+            return
+        if isinstance(device_map, dict) and all(isinstance(k, str) and isinstance(v, (str, int))
+                                                for k, v in device_map.items()):
+            return
+        raise OptionError("device_map", f"device_map must be one of {DEVICE_MAPS} or a table of module names to "
+                                        f"devices (\"cpu\", \"cuda:N\", \"disk\"); got {device_map!r}")
 
     @staticmethod
     def _check_device(device) -> None:
@@ -110,7 +129,8 @@ class Options:
 
 def _setup(model_dir, folder: RunFolder, opt: Options):
     """The model, its processor and selected weights; binds the run folder to their fingerprint."""
-    model, processor = load_model(model_dir, adapter=opt.adapter, dtype=opt.dtype, device=opt.device)
+    model, processor = load_model(model_dir, adapter=opt.adapter, dtype=opt.dtype, device=opt.device,
+                                  device_map=opt.device_map)
     model.train(opt.mode == "train")
     targets = select_targets(model, opt.preset, opt.pattern)
     fmt = prompt_format(model, processor, opt.prompt_format)
@@ -127,10 +147,20 @@ def joined(opt: Options) -> Options:
     of this rank: "cuda" becomes this rank's GPU. Before a run folder's lock is taken: rank 0 takes it
     for all."""
     try:
-        _, device = distributed.join(opt.device)
+        w, device = distributed.join(opt.device)
     except ValueError as exc:
         raise OptionError("device", str(exc)) from None
+    if w.size > 1 and opt.device_map is not None:
+        raise OptionError("device_map", "device_map places one model across a machine's GPUs in one process; under "
+                                        "torchrun each rank holds a whole model on its GPU: use one or the other")
     return dataclasses.replace(opt, device=device)
+
+
+def _home(model, target) -> torch.device:
+    """Where a selected layer runs: its weight's device, or for a weight a device map keeps on disk (meta
+    between forward passes), where the batch goes in."""
+    device = target.module.weight.device
+    return input_device(model) if device.type == "meta" else device
 
 
 def _bind(folder: RunFolder, name: str | None, pairs: list[Pair], problems: list[Problem]) -> dict[str, str]:
@@ -188,10 +218,12 @@ def _each_batch(batches: list[tuple[int, list[Pair]]], total: int, desc: str, mo
         total, desc = todo, f"{desc} (rank 0's share of {w.size})"
     bar = tqdm(total=total, initial=total - todo, unit="pair", desc=desc, disable=not opt.progress or not w.main)
 
+    device = opt.device if opt.device_map is None else input_device(model)
+
     def run(chunk):
         try:
             batch = _encode(model, processor, chunk, opt)
-            return compute(chunk, {k: v.to(opt.device) for k, v in batch.items()})
+            return compute(chunk, {k: v.to(device) for k, v in batch.items()})
         except torch.OutOfMemoryError:
             if len(chunk) == 1:
                 raise
@@ -271,7 +303,7 @@ def _reference_pass(model_dir: str, manifest: str, folder: RunFolder, opt: Optio
     # but for a rounding below float32's), stay on their weights' devices, apart from what R held (rank 0
     # adds that at the end); they are saved after every batch while small, else once a minute, and on
     # Ctrl-C. Sums and ids change together, in one assignment, so a save never mixes them.
-    zeros = {t.name: torch.zeros_like(t.module.weight, dtype=torch.float64) for t in targets}
+    zeros = {t.name: torch.zeros(t.module.weight.shape, dtype=torch.float64, device=_home(model, t)) for t in targets}
     state = [zeros, [], []]  # sums, ids, (batch index, ids) of each batch
     small = sum(t.module.weight.numel() for t in targets) * 8 <= 256 * 2**20
     last_save = [time.monotonic()]
@@ -292,7 +324,7 @@ def _reference_pass(model_dir: str, manifest: str, folder: RunFolder, opt: Optio
 
     def keep(index, chunk, part):
         sums, done_ids, order = state
-        state[:] = [{k: v + part[k].double() for k, v in sums.items()}, done_ids + [p.id for p in chunk],
+        state[:] = [{k: v + part[k].to(v) for k, v in sums.items()}, done_ids + [p.id for p in chunk],
                     order + [(index, [p.id for p in chunk])]]
         if small or time.monotonic() - last_save[0] > 60:
             save()
@@ -334,7 +366,7 @@ def _extract_pass(model_dir: str, manifest: str, folder: RunFolder, name: str, o
     """The statistics pass of set ``name``, under the writer lock."""
     model, processor, targets = _setup(model_dir, folder, opt)
     refs, _, ref_sha = folder.reference()
-    refs = {t.name: refs[t.name].to(t.module.weight.device) for t in targets}  # beside its layer
+    refs = {t.name: refs[t.name].to(_home(model, t)) for t in targets}  # beside its layer
     pairs, problems = _pairs(manifest, opt, processor, model)
     digests = _bind(folder, name, pairs, problems)  # another manifest than the set was started from is refused
     refuse_id_collisions(name, digests, "the pairs that built R", folder.reference_pairs())

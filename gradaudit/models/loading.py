@@ -58,9 +58,15 @@ def _image_text_processor(model_dir: str) -> ImageTextProcessor:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(model_dir: str, *, adapter: str | None = None, dtype: str = "float32", device: str = "cpu"):
+def load_model(model_dir: str, *, adapter: str | None = None, dtype: str = "float32", device: str = "cpu",
+               device_map: str | dict | None = None):
     """(model in eval mode with every weight frozen, processor) from a local folder, with an optional
     PEFT LoRA adapter folder on top; nothing is fetched.
+
+    ``device_map`` (for a model larger than one GPU): placed by accelerate across the machine's devices
+    instead of onto ``device`` — "auto", "balanced", "balanced_low_0", "sequential", or a dict of module
+    names to devices ("cpu", "cuda:N", or "disk": loaded from an offload folder for each forward). Each
+    layer then runs where it lives; :func:`input_device` says where a batch goes in.
 
     The ``model_type`` must be one of :data:`ARCHITECTURES`; others raise with the list of what works.
     """
@@ -80,7 +86,9 @@ def load_model(model_dir: str, *, adapter: str | None = None, dtype: str = "floa
     if config.model_type not in ARCHITECTURES:
         model = AutoModelForImageTextToText.from_pretrained(model_dir, **safe, use_safetensors=True, dtype=DTYPES[dtype])
         raise ModelError(_unsupported(model_dir, model))
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, **safe, use_safetensors=True, dtype=DTYPES[dtype])
+    placed = {} if device_map is None else dict(device_map=device_map, offload_folder=_offload_folder(model_dir))
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, **safe, use_safetensors=True, dtype=DTYPES[dtype],
+                                                        **placed)
     model.gradaudit_files_sha256 = files_sha256(model_dir)
     try:
         processor = AutoProcessor.from_pretrained(model_dir, **safe)
@@ -94,7 +102,23 @@ def load_model(model_dir: str, *, adapter: str | None = None, dtype: str = "floa
         model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
         model.gradaudit_files_sha256 = model.base_model.model.gradaudit_files_sha256
         model.gradaudit_adapter_sha256 = files_sha256(adapter, weights_only=False)
-    return freeze(model.to(device).eval()), processor
+    return freeze((model if device_map is not None else model.to(device)).eval()), processor
+
+
+def _offload_folder(model_dir: str) -> str:
+    """Where weights a device map puts on "disk" are kept: the cache folder, one per model folder."""
+    key = hashlib.sha256(os.path.realpath(model_dir).encode()).hexdigest()[:16]
+    return os.path.join(os.environ.get("GRADAUDIT_CACHE_DIR", os.path.expanduser("~/.cache/gradaudit")), "offload", key)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a batch goes in: the device of the input embedding (a model placed by a device map runs
+    each layer where it lives, and accelerate's hooks move activations between them)."""
+    weight = model.get_input_embeddings().weight
+    if weight.device.type == "meta":  # offloaded to disk: accelerate runs it on its execution device
+        hook = getattr(model.get_input_embeddings(), "_hf_hook", None)
+        return torch.device(getattr(hook, "execution_device", None) or "cpu")
+    return weight.device
 
 
 def _file_sha256(path: str) -> str:

@@ -20,6 +20,8 @@ unaffected. Nothing raises: check ``torch.isfinite`` on the results if that matt
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from gradaudit.ops.backends import NAMES, resolve
@@ -174,7 +176,9 @@ def slice_stats(
     if torch.compiler.is_compiling():
         out = _slice_stats_op(x, grad_out, offsets, ref, backend)
     else:
-        out = [t for t in _run(x, grad_out, offsets, ref, backend) if t is not None]
+        # a model split over GPUs (device_map) hands in tensors of any of them: kernels launch on x's
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            out = [t for t in _run(x, grad_out, offsets, ref, backend) if t is not None]
     return SliceStats(*out) if ref is not None else SliceStats(out[0], out[1])
 
 
