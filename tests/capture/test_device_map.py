@@ -53,3 +53,22 @@ def test_a_split_model_captures_what_a_whole_one_captures(root, monkeypatch, tmp
 def test_a_device_map_is_checked_before_anything_loads(root):
     with pytest.raises(OptionError, match="device_map must be one of"):
         run_reference(str(root / "model"), str(root / "members.jsonl"), str(root / "bad"), device_map="everywhere", **OPTS)
+
+
+@pytest.mark.gpu
+def test_a_model_split_between_gpu_and_cpu_captures_what_it_captures_whole_on_the_gpu(root):
+    """Layers on two devices, the selected ones on both: kernels run where each layer lives (Triton on
+    the GPU, the CPU route on the CPU) and R's slices live beside their layers."""
+    split = {k: ("cuda:0" if v == "disk" else v) for k, v in SPLIT.items()}
+    model = str(root / "model")
+    results = []
+    for run, extra in (("gpu_whole", {"device": "cuda"}), ("gpu_split", {"device_map": split})):
+        run_reference(model, str(root / "members.jsonl"), str(root / run), **OPTS, **extra)
+        run_extract(model, str(root / "audited.jsonl"), str(root / run), "audited", **OPTS, **extra)
+        folder = RunFolder(str(root / run))
+        results.append((folder.reference()[0], folder.load_stats("audited")[1]))
+    (refs_a, stats_a), (refs_b, stats_b) = results
+    for k in refs_a:
+        torch.testing.assert_close(refs_a[k], refs_b[k], rtol=1e-4, atol=1e-7)
+    for k in stats_a:
+        torch.testing.assert_close(stats_a[k], stats_b[k], rtol=1e-3, atol=1e-6)
