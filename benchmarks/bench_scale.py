@@ -4,7 +4,7 @@ LLaVA-1.5-shaped random model (bf16, 576 image + 16 prompt + 64 text tokens a pa
 - data parallel under torchrun: each rank builds the model on its GPU and captures every world-size-th
   batch of one process's batches (``gradaudit.distributed.share``, as the capture passes share them);
   R's sums all-reduced in float64, as ``gradaudit reference`` does. Each batch's statistics are summed into
-  a checksum (float64, per batch index), so runs on 1 and N GPUs are compared batch by batch: equal checksums
+  a checksum (float64 sum of absolute values, per batch index), so runs on 1 and N GPUs are compared batch by batch: equal checksums
   mean identical statistics;
 - one model placed across the node's GPUs by a device map (``--device-map auto``; accelerate's
   ``infer_auto_device_map`` and ``dispatch_model`` on a model built on the meta device), in one process:
@@ -152,7 +152,7 @@ def run(args) -> dict:
     for index, seed in mine:
         batch = on_device(seed)
         result = batch_stats(model, batch, batch_layout(model, batch), targets, refs)
-        checksums[index] = sum(float(v.double().sum()) for k, v in result.tensors().items() if "|" in k)
+        checksums[index] = sum(float(v.double().abs().sum()) for k, v in result.tensors().items() if "|" in k)
     sync()
     distributed.barrier()
     t_stats = time.perf_counter() - t0
@@ -160,7 +160,7 @@ def run(args) -> dict:
     # GPU accumulates with atomics, so two runs of one process differ too)
     index, seed = mine[0]
     again = batch_stats(model, on_device(seed), batch_layout(model, on_device(seed)), targets, refs)
-    repeat = sum(float(v.double().sum()) for k, v in again.tensors().items() if "|" in k)
+    repeat = sum(float(v.double().abs().sum()) for k, v in again.tensors().items() if "|" in k)
     peaks = distributed.gather({str(i): torch.cuda.max_memory_allocated(i) / 2**30 for i in gpus})
     merged = {k: v for part in distributed.gather(checksums) for k, v in part.items()}
     pairs = args.batches * args.batch_size
@@ -185,7 +185,7 @@ def tables(folder: str, card: str) -> str:
             runs.append(json.load(f))
     lines = [f"# Scale-out of the capture ({card}, bf16, `paper` selection)", "",
              "Engine only (no manifest reading or chunk writing); pairs of 657 tokens (576 image). Against 1 GPU: "
-             "each batch's checksum of its statistics (float64 sum) compared with the one-GPU run's — identical, or "
+             "each batch's checksum of its statistics (float64 sum of absolute values) compared with the one-GPU run's — identical, or "
              "the largest relative difference; beside it the same process's difference on one batch computed twice "
              "(attention's backward on a GPU is not deterministic).", "",
              "| shape | how | processes × GPUs | pairs | reference pairs/s | statistics pairs/s | × 1 GPU | efficiency | "
