@@ -156,6 +156,11 @@ def joined(opt: Options) -> Options:
     return dataclasses.replace(opt, device=device)
 
 
+def _input_device(model, opt: Options):
+    """Where batches go in: the options' device, or for a model placed by a device map its embedding's."""
+    return opt.device if opt.device_map is None else input_device(model)
+
+
 def _home(model, target) -> torch.device:
     """Where a selected layer runs: its weight's device, or for a weight a device map keeps on disk (meta
     between forward passes), where the batch goes in."""
@@ -209,16 +214,16 @@ def _each_batch(batches: list[tuple[int, list[Pair]]], total: int, desc: str, mo
                 compute, merge, keep) -> None:
     """For each (index, pairs) of ``batches``: ``keep(index, pairs, compute(pairs, batch))``, with a progress
     bar (pairs/s, ETA) over the ``total`` pairs of the pass, those done before included — under torchrun
-    over rank 0's share alone. On a CUDA out-of-memory error
-    a batch is computed in halves, down to single pairs, and the halves' results joined by ``merge``, so
-    a batch keeps its one result (and its chunk number) however it was computed."""
+    over rank 0's share alone. On a CUDA out-of-memory error a batch is computed in halves, down to single
+    pairs, and the halves' results joined by ``merge``, so a batch keeps its one result (and its chunk
+    number) however it was computed."""
     w = distributed.world()
     todo = sum(len(chunk) for _, chunk in batches)
     if w.size > 1:
         total, desc = todo, f"{desc} (rank 0's share of {w.size})"
     bar = tqdm(total=total, initial=total - todo, unit="pair", desc=desc, disable=not opt.progress or not w.main)
 
-    device = opt.device if opt.device_map is None else input_device(model)
+    device = _input_device(model, opt)
 
     def run(chunk):
         try:
@@ -255,7 +260,8 @@ def _warn_if_another_format_fits(model, processor, members: list[Pair], opt: Opt
     """The known members fit the format the model was trained in best: say so loudly when that is not the
     stated one (forward passes over at most 32 members)."""
     stated = prompt_format(model, processor, opt.prompt_format).spec
-    fits = rank_formats(model, processor, members[:32], candidates(processor, [stated]), opt.batch_size, opt.device)
+    fits = rank_formats(model, processor, members[:32], candidates(processor, [stated]), opt.batch_size,
+                        _input_device(model, opt))
     if fits[0].spec != stated:
         print(f"WARNING: the known members fit another prompt format better than the stated {stated!r}; was the "
               f"model trained in it? Every score depends on it (gradaudit formats compares them):\n"
