@@ -13,6 +13,12 @@ sample):
         ...
 
 Everything else — clipping, noise, accounting — stays Opacus'.
+
+Ghost clipping runs two backward passes: the first for the per-sample norms, whose weight gradients are
+computed and then discarded (``optimizer.zero_grad()``), the second, reweighted, for the update.
+``use_gradaudit_norms(skip_discarded_weight_grads=True)`` asks autograd in the first pass only for what
+the norms need — the gradients that reach the lowest trainable layers' outputs: every hook on the way
+fires and no weight-gradient GEMM runs. The update is the same (tests/integrations/test_opacus.py).
 """
 
 from __future__ import annotations
@@ -49,17 +55,71 @@ def linear_norm_sample(layer: nn.Linear, activations: list, backprops: torch.Ten
 
 
 @contextlib.contextmanager
-def use_gradaudit_norms(backend: str = "auto"):
+def use_gradaudit_norms(backend: str = "auto", skip_discarded_weight_grads: bool = False):
     """Within the block, Opacus' ghost clipping computes ``nn.Linear`` per-sample norms with GradAudit;
-    Opacus' own sampler is put back after it."""
+    Opacus' own sampler is put back after it. ``skip_discarded_weight_grads``: the first of ghost clipping's
+    two backward passes computes no weight gradients (:func:`first_backward_for_norms_only`)."""
     from opacus.grad_sample import GradSampleModuleFastGradientClipping as GSM
 
     previous = GSM.NORM_SAMPLERS.get(nn.Linear)
     GSM.NORM_SAMPLERS[nn.Linear] = lambda layer, a, g: linear_norm_sample(layer, a, g, backend)
     try:
-        yield
+        with first_backward_for_norms_only() if skip_discarded_weight_grads else contextlib.nullcontext():
+            yield
     finally:
         if previous is None:
             GSM.NORM_SAMPLERS.pop(nn.Linear, None)
         else:
             GSM.NORM_SAMPLERS[nn.Linear] = previous
+
+
+@contextlib.contextmanager
+def first_backward_for_norms_only():
+    """Within the block, the first backward pass of Opacus' ghost clipping (``DPTensorFastGradientClipping
+    .backward``) computes only the gradients its norm hooks need, not the weight gradients it would discard.
+
+    Each forward pass records its *roots*: the outputs of modules with trainable weights whose inputs need
+    no gradient (and inputs that are leaves needing one). Every trainable module lies on a path from the loss
+    to a root, so asking autograd for the roots' gradients alone runs every module's backward hook, while no
+    weight's gradient is on any path and none is computed. The second pass is Opacus' own. A forward pass
+    under gradients must be followed by its backward before the next (as in a training step)."""
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping as DPTensor
+
+    roots: list[torch.Tensor] = []
+
+    def record(module, args, output):
+        if not torch.is_grad_enabled() or not any(p.requires_grad for p in module.parameters(recurse=False)):
+            return
+        inputs = [a for a in args if isinstance(a, torch.Tensor)]
+        if not any(a.requires_grad for a in inputs):
+            roots.extend(o for o in (output if isinstance(output, (tuple, list)) else [output])
+                         if isinstance(o, torch.Tensor) and o.requires_grad)
+        roots.extend(a for a in inputs if a.is_leaf and a.requires_grad)
+
+    original = DPTensor.backward
+
+    def backward(self):
+        # Opacus 1.6's DPTensorFastGradientClipping.backward, its first pass asking for the roots alone
+        if self.loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction = {self.loss_reduction}. Only 'sum' and 'mean' losses are supported")
+        reduced = self.loss_per_sample.mean(0) if self.loss_reduction == "mean" else self.loss_per_sample.sum(0)
+        needed = list({id(t): t for t in roots}.values())
+        roots.clear()
+        if not needed:  # nothing recorded (a forward outside the block): Opacus' own two passes
+            return original(self)
+        torch.autograd.grad(reduced, needed, retain_graph=True, allow_unused=True)
+        self.optimizer.zero_grad()
+        coeff = self.module.get_clipping_coef()
+        second = torch.sum(coeff.to(self.loss_per_sample.device) * self.loss_per_sample)
+        self.module.disable_hooks()
+        second.backward()
+        self.module.enable_hooks()
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    DPTensor.backward = backward
+    try:
+        yield
+    finally:
+        DPTensor.backward = original
+        handle.remove()
+        roots.clear()

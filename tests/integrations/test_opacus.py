@@ -24,17 +24,22 @@ class Seq(nn.Module):
         return self.out(h.mean(1))  # (B, 3): the last layer sees flat (B, d) inputs
 
 
-def _step(ours: bool, clip: float):
-    """One private step with noise 0: (per-sample norms, the clipped, averaged gradient of each parameter)."""
+def _step(ours: bool, clip: float, skip: bool = False, accumulated: list | None = None):
+    """One private step with noise 0: (per-sample norms, the clipped, averaged gradient of each parameter).
+    ``skip``: GradAudit's norms with the first backward computing no weight gradients; ``accumulated``
+    receives the name of each parameter each time a backward accumulates its gradient."""
     from opacus import PrivacyEngine
 
     torch.manual_seed(0)
     model = Seq()
+    for name, p in model.named_parameters():
+        if accumulated is not None:
+            p.register_post_accumulate_grad_hook(lambda _, name=name: accumulated.append(name))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 5, 6, generator=g) * 3, torch.randint(0, 3, (8,), generator=g)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with use_gradaudit_norms() if ours else contextlib.nullcontext():
+    with use_gradaudit_norms(skip_discarded_weight_grads=skip) if ours else contextlib.nullcontext():
         model, optimizer, criterion, loader = PrivacyEngine().make_private(
             module=model, optimizer=optimizer, data_loader=loader, criterion=nn.CrossEntropyLoss(),
             noise_multiplier=0.0, max_grad_norm=clip, grad_sample_mode="ghost", poisson_sampling=False)
@@ -54,6 +59,19 @@ def test_same_norms_and_clipped_update_as_opacus(clip):
         assert (theirs_norms > clip).sum() >= 4  # the clipped case really clips
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("clip", [1e3, 0.5])
+def test_the_first_backward_skips_the_weight_gradients_and_the_update_is_the_same(clip):
+    theirs, ours = [], []
+    theirs_norms, theirs_update = _step(False, clip, accumulated=theirs)
+    ours_norms, ours_update = _step(True, clip, skip=True, accumulated=ours)
+    names = {n for n, _ in Seq().named_parameters()}
+    assert sorted(theirs) == sorted(list(names) * 2)  # Opacus: both backwards accumulate every weight's gradient
+    assert sorted(ours) == sorted(names)  # here only the second
+    torch.testing.assert_close(ours_norms, theirs_norms, rtol=1e-5, atol=1e-6)
+    for name in theirs_update:
+        torch.testing.assert_close(ours_update[name], theirs_update[name], rtol=1e-5, atol=1e-7)
 
 
 def test_opacus_sampler_is_put_back():
