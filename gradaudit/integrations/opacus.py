@@ -88,13 +88,13 @@ def first_backward_for_norms_only():
     roots: list[torch.Tensor] = []
 
     def record(module, args, output):
-        if not torch.is_grad_enabled() or not any(p.requires_grad for p in module.parameters(recurse=False)):
+        if not torch.is_grad_enabled():
             return
         inputs = [a for a in args if isinstance(a, torch.Tensor)]
-        if not any(a.requires_grad for a in inputs):
+        roots.extend(a for a in inputs if a.is_leaf and a.requires_grad)  # any module's: frozen ones may sit between
+        if any(p.requires_grad for p in module.parameters(recurse=False)) and not any(a.requires_grad for a in inputs):
             roots.extend(o for o in (output if isinstance(output, (tuple, list)) else [output])
                          if isinstance(o, torch.Tensor) and o.requires_grad)
-        roots.extend(a for a in inputs if a.is_leaf and a.requires_grad)
 
     original = DPTensor.backward
 
