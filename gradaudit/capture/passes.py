@@ -250,10 +250,11 @@ def _shares(todo: list[Pair], opt: Options) -> list[tuple[int, list[Pair]]]:
     return distributed.share(list(enumerate(batches_by_length(todo, opt.batch_size))))
 
 
-def _autocast(opt: Options):
+def _autocast(opt: Options, model):
+    """Autocast where the batch runs: the options' device, or the GPUs a device map placed the model on."""
     if opt.autocast is None:
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(opt.device).type, dtype=getattr(torch, opt.autocast))
+    return torch.autocast(torch.device(_input_device(model, opt)).type, dtype=getattr(torch, opt.autocast))
 
 
 def _warn_if_another_format_fits(model, processor, members: list[Pair], opt: Options) -> None:
@@ -324,7 +325,7 @@ def _reference_pass(model_dir: str, manifest: str, folder: RunFolder, opt: Optio
         last_save[0] = time.monotonic()
 
     def compute(chunk, batch):
-        with _autocast(opt):
+        with _autocast(opt, model):
             part, _ = reference_sums(model, [(batch, batch_layout(model, batch))], targets)
         return part
 
@@ -382,7 +383,7 @@ def _extract_pass(model_dir: str, manifest: str, folder: RunFolder, name: str, o
     distributed.barrier()  # every rank has read the folder before any writes to it
 
     def compute(chunk, batch):
-        with _autocast(opt):
+        with _autocast(opt, model):
             return batch_stats(model, batch, batch_layout(model, batch), targets, refs, backend=opt.backend).tensors()
 
     def keep(index, chunk, tensors):

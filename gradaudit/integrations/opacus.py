@@ -79,22 +79,33 @@ def first_backward_for_norms_only():
     .backward``) computes only the gradients its norm hooks need, not the weight gradients it would discard.
 
     Each forward pass records its *roots*: the outputs of modules with trainable weights whose inputs need
-    no gradient (and inputs that are leaves needing one). Every trainable module lies on a path from the loss
-    to a root, so asking autograd for the roots' gradients alone runs every module's backward hook, while no
-    weight's gradient is on any path and none is computed. The second pass is Opacus' own. A forward pass
-    under gradients must be followed by its backward before the next (as in a training step)."""
+    no gradient, and inputs that are leaves needing one. A trainable module reached from the loss on the way
+    to a root has its backward hook run while no weight's gradient is on any path, so none is computed. A
+    trainable module that such a pass would not reach (a leaf that needs a gradient entering through plain
+    code, say) is caught, not skipped: each trainable module's output is watched, and the first pass raises
+    naming the modules it did not reach — use ``skip_discarded_weight_grads=False`` there. The second pass
+    is Opacus' own. A forward pass under gradients must be followed by its backward before the next."""
     from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping as DPTensor
 
     roots: list[torch.Tensor] = []
+    watched: dict[int, str] = {}  # trainable modules called in this step: id -> class name
+    reached: set[int] = set()
+    first_pass = [False]
 
-    def record(module, args, output):
+    def record(module, args, kwargs, output):
         if not torch.is_grad_enabled():
             return
-        inputs = [a for a in args if isinstance(a, torch.Tensor)]
+        inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         roots.extend(a for a in inputs if a.is_leaf and a.requires_grad)  # any module's: frozen ones may sit between
-        if any(p.requires_grad for p in module.parameters(recurse=False)) and not any(a.requires_grad for a in inputs):
-            roots.extend(o for o in (output if isinstance(output, (tuple, list)) else [output])
-                         if isinstance(o, torch.Tensor) and o.requires_grad)
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            return
+        outputs = [o for o in (output if isinstance(output, (tuple, list)) else [output])
+                   if isinstance(o, torch.Tensor) and o.requires_grad]
+        if not any(a.requires_grad for a in inputs):
+            roots.extend(outputs)
+        watched[id(module)] = type(module).__name__
+        for o in outputs:  # a tensor hook holds nothing; it only says that the first pass got here
+            o.register_hook(lambda grad, key=id(module): reached.add(key) if first_pass[0] else None)
 
     original = DPTensor.backward
 
@@ -104,10 +115,20 @@ def first_backward_for_norms_only():
             raise ValueError(f"loss_reduction = {self.loss_reduction}. Only 'sum' and 'mean' losses are supported")
         reduced = self.loss_per_sample.mean(0) if self.loss_reduction == "mean" else self.loss_per_sample.sum(0)
         needed = list({id(t): t for t in roots}.values())
-        roots.clear()
+        expected = dict(watched)
+        roots.clear(), watched.clear(), reached.clear()
         if not needed:  # nothing recorded (a forward outside the block): Opacus' own two passes
             return original(self)
-        torch.autograd.grad(reduced, needed, retain_graph=True, allow_unused=True)
+        first_pass[0] = True
+        try:
+            torch.autograd.grad(reduced, needed, retain_graph=True, allow_unused=True)
+        finally:
+            first_pass[0] = False
+        missed = sorted({name for key, name in expected.items() if key not in reached})
+        if missed:
+            raise RuntimeError(f"the first backward pass for the norms alone did not reach trainable module(s) "
+                               f"{missed}: their inputs' gradients come through a path it does not follow; run "
+                               "with skip_discarded_weight_grads=False")
         self.optimizer.zero_grad()
         coeff = self.module.get_clipping_coef()
         second = torch.sum(coeff.to(self.loss_per_sample.device) * self.loss_per_sample)
@@ -115,11 +136,11 @@ def first_backward_for_norms_only():
         second.backward()
         self.module.enable_hooks()
 
-    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    handle = torch.nn.modules.module.register_module_forward_hook(record, with_kwargs=True)
     DPTensor.backward = backward
     try:
         yield
     finally:
         DPTensor.backward = original
         handle.remove()
-        roots.clear()
+        roots.clear(), watched.clear(), reached.clear()

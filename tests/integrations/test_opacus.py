@@ -81,3 +81,35 @@ def test_opacus_sampler_is_put_back():
     with use_gradaudit_norms():
         assert GSM.NORM_SAMPLERS[nn.Linear] is not before
     assert GSM.NORM_SAMPLERS[nn.Linear] is before
+
+
+class LeafThroughCode(nn.Module):
+    """A frozen layer's output made to require grad (as transformers' enable_input_require_grads does) and
+    passed to a trainable layer through plain code: no root leads the pruned pass to ``t1``."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Linear(6, 6).requires_grad_(False)
+        self.t1, self.t2, self.out = nn.Linear(6, 16), nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        e = self.frozen(x).requires_grad_(True)
+        return self.out(torch.tanh(self.t1(torch.tanh(e))) + torch.tanh(self.t2(x)))
+
+
+def test_a_module_the_pruned_pass_would_miss_stops_the_step_instead_of_clipping_wrongly():
+    from opacus import PrivacyEngine
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    model = LeafThroughCode()
+    with use_gradaudit_norms(skip_discarded_weight_grads=True):
+        model, optimizer, criterion, loader = PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+            criterion=nn.CrossEntropyLoss(), noise_multiplier=0.0, max_grad_norm=0.5, grad_sample_mode="ghost",
+            poisson_sampling=False)
+        xb, yb = next(iter(loader))
+        with pytest.raises(RuntimeError, match=r"did not reach trainable module\(s\) \['Linear'\]"):
+            criterion(model(xb), yb).backward()
