@@ -103,7 +103,8 @@ def first_backward_for_norms_only():
                    if isinstance(o, torch.Tensor) and o.requires_grad]
         if not any(a.requires_grad for a in inputs):
             roots.extend(outputs)
-        watched[id(module)] = type(module).__name__
+        if outputs:  # watched where the pass has something to reach
+            watched[id(module)] = type(module).__name__
         for o in outputs:  # a tensor hook holds nothing; it only says that the first pass got here
             o.register_hook(lambda grad, key=id(module): reached.add(key) if first_pass[0] else None)
 
