@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -22,6 +21,7 @@ import numpy as np
 from gradaudit import workflow
 from gradaudit.audit.calibration import SHAPES, Calibrator
 from gradaudit.audit.per_pair import expected_calibration_error
+from write_results import save
 
 
 def main() -> int:
@@ -67,11 +67,7 @@ def main() -> int:
         lines.append(f"| {r['share']:.0%} | {r['normal']['ece']:.3f} | {r['kde']['ece']:.3f} | "
                      f"{r['normal']['share_error']:+.3f}; {r['normal']['share_abs_error']:.3f} | "
                      f"{r['kde']['share_error']:+.3f}; {r['kde']['share_abs_error']:.3f} |")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "calibration_shape_tiny.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, "calibration_shape_tiny.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    save(args.out, "calibration_shape_tiny", rows, "\n".join(lines))
     return 0
 
 

@@ -49,6 +49,7 @@ from gradaudit.store.manifest import IMAGE_STATS
 from gradaudit.toy.corpora import KINDS
 from gradaudit.toy.models import FORMAT
 from gradaudit.toy.scenarios import TRAININGS, Corpus, prepare_corpus, train_model
+from write_results import save
 
 SCENARIOS = [f"{t}-{c}" for t in TRAININGS for c in KINDS]
 SHARES = (1.0, 0.5, 0.1)
@@ -300,11 +301,7 @@ def merge(paths: list[str]) -> dict:
 
 def write(report: dict, out: str | None, echo: bool = True) -> None:
     if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, f"eval_collection_{report['size']}.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        with open(os.path.join(out, f"eval_collection_{report['size']}.md"), "w") as f:
-            f.write(markdown(report))
+        save(out, f"eval_collection_{report['size']}", report, markdown(report))
     if echo:
         print(markdown(report))
 

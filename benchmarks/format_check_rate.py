@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -22,6 +21,7 @@ from gradaudit.capture.format_check import rank_formats
 from gradaudit.models.loading import load_model
 from gradaudit.store.manifest import read_manifest
 from gradaudit.toy.scenarios import Corpus, prepare_corpus, train_model
+from write_results import save
 
 SCENARIOS = [("finetune", "scenes"), ("pretrain", "radiographs")]  # the demo's model and its base
 
@@ -58,11 +58,7 @@ def main() -> int:
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['members']} | {r['draws']} | {r['false_warnings']} | {r['loss_gap_min']:.3f} | "
               f"{r['loss_gap_median']:.3f} |" for r in rows]
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "format_check_tiny.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, "format_check_tiny.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    save(args.out, "format_check_tiny", rows, "\n".join(lines))
     return 0
 
 

@@ -315,11 +315,14 @@ def _reference_pass(model_dir: str, manifest: str, folder: RunFolder, opt: Optio
     small = sum(t.module.weight.numel() for t in targets) * 8 <= 256 * 2**20
     last_save = [time.monotonic()]
 
+    def with_stored(sums):  # what R held before this pass, added
+        return {k: v + stored[k].to(v) if k in stored else v for k, v in sums.items()}
+
     def save():
         sums, done_ids, _ = state
         if w.size == 1:
-            total = {k: v + stored[k].to(v) if k in stored else v for k, v in sums.items()}
-            folder.save_reference(total, ids + done_ids, [digests[i] for i in ids + done_ids], complete=False)
+            folder.save_reference(with_stored(sums), ids + done_ids, [digests[i] for i in ids + done_ids],
+                                  complete=False)
         elif done_ids:
             folder.save_reference_part(w.rank, sums, done_ids, [digests[i] for i in done_ids])
         last_save[0] = time.monotonic()
@@ -348,9 +351,8 @@ def _reference_pass(model_dir: str, manifest: str, folder: RunFolder, opt: Optio
     batches = sorted(b for part in distributed.gather(state[2]) for b in part)  # one process's order
     with distributed.main_first():
         if w.main:
-            total = {k: v + stored[k].to(v) if k in stored else v for k, v in sums.items()}
             order = ids + [pid for _, chunk_ids in batches for pid in chunk_ids]
-            folder.save_reference(total, order, [digests[i] for i in order], complete=True)
+            folder.save_reference(with_stored(sums), order, [digests[i] for i in order], complete=True)
             for rank in range(w.size):  # R holds them now (a part left by a crash here is stale: removed on resume)
                 folder.remove_reference_part(rank)
 
