@@ -106,6 +106,12 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 def resolve(name: str, device: torch.device) -> Backend:
     """The backend ``name`` ("auto": the fastest available) for tensors on ``device``."""
+    return _resolve(name, device.type, triton_interpreting())
+
+
+@functools.cache  # every layer of every batch asks: the answer depends on these three only
+def _resolve(name: str, device_type: str, interpreting: bool) -> Backend:
+    device = torch.device(device_type)
     if name not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}; got {name!r}")
     found = available_backends(device)

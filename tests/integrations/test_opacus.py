@@ -24,19 +24,20 @@ class Seq(nn.Module):
         return self.out(h.mean(1))  # (B, 3): the last layer sees flat (B, d) inputs
 
 
-def _step(ours: bool, clip: float, skip: bool = False, accumulated: list | None = None):
+def _step(ours: bool, clip: float, skip: bool = False, accumulated: list | None = None, device: str = "cpu"):
     """One private step with noise 0: (per-sample norms, the clipped, averaged gradient of each parameter).
     ``skip``: GradAudit's norms with the first backward computing no weight gradients; ``accumulated``
     receives the name of each parameter each time a backward accumulates its gradient."""
     from opacus import PrivacyEngine
 
     torch.manual_seed(0)
-    model = Seq()
+    model = Seq().to(device)
     for name, p in model.named_parameters():
         if accumulated is not None:
             p.register_post_accumulate_grad_hook(lambda _, name=name: accumulated.append(name))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 5, 6, generator=g) * 3, torch.randint(0, 3, (8,), generator=g)
+    x, y = x.to(device), y.to(device)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with use_gradaudit_norms(skip_discarded_weight_grads=skip) if ours else contextlib.nullcontext():
@@ -72,6 +73,17 @@ def test_the_first_backward_skips_the_weight_gradients_and_the_update_is_the_sam
     torch.testing.assert_close(ours_norms, theirs_norms, rtol=1e-5, atol=1e-6)
     for name in theirs_update:
         torch.testing.assert_close(ours_update[name], theirs_update[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("skip", [False, True])
+def test_on_cuda_the_kernels_give_opacus_norms_and_update(skip):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    theirs_norms, theirs = _step(False, 0.5, device="cuda")
+    ours_norms, ours = _step(True, 0.5, skip=skip, device="cuda")
+    torch.testing.assert_close(ours_norms, theirs_norms, rtol=1e-5, atol=1e-6)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7)
 
 
 def test_opacus_sampler_is_put_back():
