@@ -59,14 +59,21 @@ def build(size, device):
     return freeze(model)
 
 
-def make_batch(n, device, n_prompt=16, n_text=64, seed=0):
+def make_batch(n, device, n_prompt=16, n_text=64, seed=0, ragged=False):
+    """``ragged``: texts of 16 to ``n_text`` tokens, right-padded (padding masked and unlabelled), as real
+    pairs come; else every text ``n_text`` tokens long."""
     gen = torch.Generator().manual_seed(seed)
     length = 1 + 576 + n_prompt + n_text
     ids = torch.randint(3, 31000, (n, length), generator=gen)
     ids[:, 1:577] = 31999
     labels = ids.clone()
     labels[:, : length - n_text] = -100
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+    mask = torch.ones_like(ids)
+    if ragged:
+        for b, n_real in enumerate(torch.randint(16, n_text + 1, (n,), generator=gen).tolist()):
+            mask[b, length - n_text + n_real:] = 0
+            labels[b, length - n_text + n_real:] = -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
              "pixel_values": torch.randn(n, 3, 336, 336, generator=gen).to(torch.bfloat16)}
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -160,9 +167,9 @@ def paper_loop(model, batch, targets, refs):
     freeze(model)
 
 
-def measure(size, batch_size, clock, dev, loop=True):
+def measure(size, batch_size, clock, dev, loop=True, ragged=False):
     model = build(size, dev)
-    batch = make_batch(batch_size, dev)
+    batch = make_batch(batch_size, dev, ragged=ragged)
     layout = batch_layout(model, batch)
     rows = {}
     for preset in ("paper", "all-linear"):
@@ -212,7 +219,8 @@ def markdown(res):
             for preset, r in m["rows"].items():
                 loop = f"{r['loop']:.1f}" if "loop" in r else "—"
                 ratio = f"{r['engine'] / r['loop']:.1f}×" if "loop" in r else "—"
-                lines.append(f"| {tag} | {size} ({m['params'] / 1e9:.2f}B) | {m.get('batch_size', 16)} | {preset} | "
+                pad = ", ragged texts" if m.get("ragged") else ""
+                lines.append(f"| {tag} | {size} ({m['params'] / 1e9:.2f}B) | {m.get('batch_size', 16)}{pad} | {preset} | "
                              f"{r['weights']} | {loop} | {r['engine']:.1f} | {r['fwd_bwd']:.1f} | {ratio} | "
                              f"{r['engine'] / r['fwd_bwd']:.2f} |")
     lines += ["", "## Where an engine batch's time goes (ms per batch)", "",
@@ -248,6 +256,7 @@ def main():
     ap.add_argument("--tag", default="latest", help="name of this run in the results (e.g. before, after)")
     ap.add_argument("--merge", default="benchmarks/results", help="folder whose capture_<card>.json runs to keep")
     ap.add_argument("--no-loop", action="store_true", help="skip the paper's loop (slow at 7B)")
+    ap.add_argument("--ragged", action="store_true", help="texts of 16–64 tokens, right-padded (else all 64)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     card = torch.cuda.get_device_name()
@@ -264,8 +273,10 @@ def main():
                command="python " + " ".join(sys.argv), models={})
     clock = HookClock()
     for size in args.model:
-        n_params, rows = measure(size, args.batch_size, clock, dev, loop=not args.no_loop)
-        run["models"][size] = dict(params=n_params, batch_size=args.batch_size, rows=rows)
+        n_params, rows = measure(size, args.batch_size, clock, dev, loop=not args.no_loop, ragged=args.ragged)
+        run["models"][size] = dict(params=n_params, batch_size=args.batch_size, ragged=args.ragged, rows=rows)
+    if args.tag in res["runs"]:  # another model of the same run (e.g. 1b and 7b in two calls): kept together
+        run["models"] = {**res["runs"][args.tag]["models"], **run["models"]}
     res["runs"][args.tag] = run
     text = markdown(res)
     save(args.out, stem, res, text)

@@ -130,6 +130,7 @@ class per_sample_grads:
         self.mask = None if mask is None else mask.bool()
         # tokens per sample on the CPU, known before any layer runs: no device sync per layer
         self.mask_counts = None if mask is None else self.mask.sum(1).cpu()
+        self._mask_indices: dict[torch.device, torch.Tensor] = {}
         self.cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(torch.int64).cpu()
         named = covered_modules(model)
         trainable = any(p.requires_grad for p in model.parameters())
@@ -194,10 +195,19 @@ class per_sample_grads:
             return x, grad, torch.ones(b, dtype=torch.int64)
         x3, g3 = x.reshape(b, -1, x.shape[-1]), grad.reshape(b, -1, grad.shape[-1])
         if self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
-            keep = self.mask.to(x.device)
-            return x3[keep], g3[keep], self.mask_counts
+            index = self._mask_index(x.device)
+            return (x3.reshape(-1, x.shape[-1]).index_select(0, index),
+                    g3.reshape(-1, grad.shape[-1]).index_select(0, index), self.mask_counts)
         return (x3.reshape(-1, x.shape[-1]), g3.reshape(-1, grad.shape[-1]),
                 torch.full((b,), x3.shape[1], dtype=torch.int64))
+
+    def _mask_index(self, device: torch.device) -> torch.Tensor:
+        """The mask's true positions as flat indices on ``device``, found once: indexing by a boolean mask
+        would cost a device sync per layer."""
+        index = self._mask_indices.get(device)
+        if index is None:
+            index = self._mask_indices[device] = self.mask.reshape(-1).nonzero().squeeze(1).to(device)
+        return index
 
     def _reduce(self, name: str, module: nn.Module, xs: list, grads: list) -> None:
         parts = []

@@ -35,7 +35,7 @@ class Layout:
     keep: dict[str, torch.Tensor | None] = field(default_factory=dict)
     row_sample: dict[str, torch.Tensor] = field(default_factory=dict)
     flat_offsets: dict[str, torch.Tensor] = field(default_factory=dict)
-    _packing: dict = field(default_factory=dict, repr=False)  # per (domain, shape, device): mask, offsets
+    _packing: dict = field(default_factory=dict, repr=False)  # per (domain, shape, device): row index, offsets
 
     def _plan(self, domain: str, shape: tuple, device):
         key = (domain, shape, device)
@@ -52,8 +52,9 @@ class Layout:
             counts = torch.zeros(self.num_samples, dtype=torch.int64).index_add_(0, rows.cpu(), per_row)
             offsets = torch.zeros(self.num_samples + 1, dtype=torch.int64)
             offsets[1:] = torch.cumsum(counts, 0)
-            mask = None if keep is None or bool(keep.all()) else keep.to(device)
-            self._packing[key] = (mask, offsets)
+            # the real positions' flat indices, found once: a boolean mask would cost a device sync per layer
+            index = None if keep is None or bool(keep.all()) else keep.reshape(-1).nonzero().squeeze(1).to(device)
+            self._packing[key] = (index, offsets)
         return self._packing[key]
 
     def pack(self, domain: str, x: torch.Tensor, grad: torch.Tensor):
@@ -65,7 +66,8 @@ class Layout:
                 raise ModelError(f"a {domain} layer saw {x.shape[0]} packed positions, but the batch layout "
                                  f"gives {'none' if offsets is None else int(offsets[-1])}")
             return x, grad, offsets
-        mask, offsets = self._plan(domain, tuple(x.shape[:2]), x.device)
-        if mask is None:
-            return x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1]), offsets
-        return x[mask], grad[mask], offsets
+        index, offsets = self._plan(domain, tuple(x.shape[:2]), x.device)
+        x, grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        if index is None:
+            return x, grad, offsets
+        return x.index_select(0, index), grad.index_select(0, index), offsets
