@@ -210,7 +210,10 @@ def measure(size, batch_size, clock, dev, loop=True, ragged=False):
 def markdown(res):
     lines = [f"# Capture engine on the GPU ({res['card']})", "",
              f"LLaVA-1.5-shaped random models, bf16, {res['tokens_per_pair']} tokens a pair. Throughput in samples/s; the floor is the batched forward and activation "
-             "backward alone. Each tag is one run (date, torch, commit).", "",
+             "backward alone. Each tag is one run (date, torch, commit); a tag's rows come from one machine, and "
+             "machines of one kind differ by up to 10% (the same floor ran at 70–85 samples/s), so compare within "
+             "a before/after pair made in one call. The engine's results are not bit-identical from run to run "
+             "on the GPU (`rerun_identical` in the JSON: the model's own backward is not), here or before.", "",
              "| tag | model | batch | selection | weights | paper's loop | engine | floor | engine / loop | engine / floor |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     runs = res["runs"]
