@@ -301,7 +301,7 @@ def _direct(x, grad_out, bounds, samples, ref):
     precision = _dot_precision(x.dtype)
 
     def run(bm, bn, bk, num_warps, num_stages):
-        n_tm, n_tn = -(-d_out // bm), -(-d_in // bn)
+        n_tm, n_tn = _cdiv(d_out, bm), _cdiv(d_in, bn)
         n_groups = min(len(samples), _cdiv(2 * _num_sms(x.device), n_tm * n_tn))
         (grp, smp, offsets), n_groups = _device_table(bounds, samples, n_groups, x.device)
         row = torch.empty(n_q, n_tn, n_out, d_out, dtype=torch.float32, device=x.device)
