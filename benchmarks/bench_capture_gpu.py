@@ -91,7 +91,7 @@ def timed(fn, reps, after_warmup=lambda: None):
 
 class HookClock:
     """Host time spent inside the hooks' ``on_grad`` callbacks (the per-layer reduction), and the FLOPs of
-    the statistics they reduce (2·N·d_in·d_out per layer call), by wrapping
+    the statistics they reduce (2·N·d_in·d_out per layer call, N counting padding positions too), by wrapping
     :class:`gradaudit.grads.hooks.LayerHooks` for the benchmark's lifetime."""
 
     def __init__(self):
