@@ -79,6 +79,13 @@ def _input_needs_grad(module, args):
     return None
 
 
+def true_positions(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The flat indices of ``mask``'s true entries (row-major), on ``device``: rows of a (R0, R1, d) tensor
+    reshaped to (R0·R1, d) are gathered with ``index_select`` without the device sync a boolean mask costs
+    each time it indexes. Found once per mask (one sync)."""
+    return mask.reshape(-1).nonzero().squeeze(1).to(device)
+
+
 def merge_calls(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     """One module called several times in a forward: its per-sample gradient sums over the calls, so each
     sample's packed rows of every call go together. ``parts``: (x, grad, offsets) per call, packed (offsets

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from gradaudit.grads.hooks import LayerHooks, merge_calls
+from gradaudit.grads.hooks import LayerHooks, merge_calls, true_positions
 from gradaudit.grads.routes import norms_and_dots, projection_dots
 from gradaudit.ops import SliceStats, slice_stats
 
@@ -202,12 +202,10 @@ class per_sample_grads:
                 torch.full((b,), x3.shape[1], dtype=torch.int64))
 
     def _mask_index(self, device: torch.device) -> torch.Tensor:
-        """The mask's true positions as flat indices on ``device``, found once: indexing by a boolean mask
-        would cost a device sync per layer."""
-        index = self._mask_indices.get(device)
-        if index is None:
-            index = self._mask_indices[device] = self.mask.reshape(-1).nonzero().squeeze(1).to(device)
-        return index
+        """The mask's true positions on ``device``, found once for every layer (``true_positions``)."""
+        if device not in self._mask_indices:
+            self._mask_indices[device] = true_positions(self.mask, device)
+        return self._mask_indices[device]
 
     def _reduce(self, name: str, module: nn.Module, xs: list, grads: list) -> None:
         parts = []

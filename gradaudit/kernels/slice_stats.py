@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 
 log = logging.getLogger("gradaudit")
 
@@ -291,8 +292,6 @@ class _DirectLaunch:
         if kernel is None:
             self.compiled[key] = self.fn[grid](*args, **constexprs, **options)
             return
-        from triton import knobs
-
         stream = torch.cuda.current_stream(args[0].device).cuda_stream
         params = (*args, *constexprs.values())  # the kernel's parameters in signature order
         kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, kernel.function, kernel.packed_metadata,
@@ -353,9 +352,7 @@ def _direct(x, grad_out, bounds, samples, ref):
     if _interpreting():
         cfg = INTERPRET_CONFIG
     else:
-        all_samples = len(samples) == n_out
-        tokens = (int(bounds[-1] - bounds[0]) if all_samples else
-                  int(bounds[samples + 1].sum() - bounds[samples].sum())) // len(samples)
+        tokens = int(bounds[samples + 1].sum() - bounds[samples].sum()) // len(samples)
         bucket = 1 << max(tokens, 1).bit_length()  # mean tokens per sample, to the power of 2 above
         fast_key = (x.device, x.dtype, r.dtype, d_in, d_out, has_ref, bucket)
         cfg = _chosen.get(fast_key)

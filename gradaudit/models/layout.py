@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from gradaudit.errors import ModelError
+from gradaudit.grads.hooks import true_positions
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,7 @@ class Layout:
             counts = torch.zeros(self.num_samples, dtype=torch.int64).index_add_(0, rows.cpu(), per_row)
             offsets = torch.zeros(self.num_samples + 1, dtype=torch.int64)
             offsets[1:] = torch.cumsum(counts, 0)
-            # the real positions' flat indices, found once: a boolean mask would cost a device sync per layer
-            index = None if keep is None or bool(keep.all()) else keep.reshape(-1).nonzero().squeeze(1).to(device)
+            index = None if keep is None or bool(keep.all()) else true_positions(keep, device)
             self._packing[key] = (index, offsets)
         return self._packing[key]
 
