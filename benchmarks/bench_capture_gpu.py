@@ -177,7 +177,7 @@ def measure(size, batch_size, clock, dev, loop=True, ragged=False):
         refs = {t.name: torch.randn(t.module.weight.shape, device=dev) * 1e-3 for t in targets}
 
         def floor():
-            return _backward(model, batch, targets, lambda *a: None)
+            return _backward(model, batch, layout, targets, lambda *a: None)
 
         def engine():
             return batch_stats(model, batch, layout, targets, refs)

@@ -14,12 +14,13 @@ attention mask; vision and projector rows are images): the model family's
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from gradaudit.capture.losses import per_sample_text_loss, token_quantities
+from gradaudit.capture.losses import TextRows, per_sample_text_loss, token_quantities
 from gradaudit.errors import ModelError
 from gradaudit.grads.hooks import LayerHooks, merge_calls
 from gradaudit.models import Layout, Target
@@ -27,17 +28,16 @@ from gradaudit.ops import SliceStats, slice_stats
 from gradaudit.schema import STAT_KEYS
 
 
-def _backward(model, batch: dict, targets, reduce, tokens: list | None = None) -> torch.Tensor:
+def _backward(model, batch: dict, layout: Layout, targets, reduce, tokens: list | None = None) -> torch.Tensor:
     """One forward and backward of the summed per-sample losses; ``reduce(target, xs, grads)`` receives every
     call's input and output gradient of each target (``gradaudit.grads.LayerHooks``)."""
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs, labels, rows = _loss_inputs(model, batch, layout)
     by_name = {t.name: t for t in targets}
     with LayerHooks({t.name: t.module for t in targets}, lambda name, _, xs, grads: reduce(by_name[name], xs, grads)) as hooks:
         logits = model(**inputs).logits
         if tokens is not None:
-            tokens.extend(token_quantities(logits, labels))
-        losses = per_sample_text_loss(logits, labels)
+            tokens.extend(token_quantities(logits, labels, rows))
+        losses = per_sample_text_loss(logits, labels, rows)
         del logits
         if losses.requires_grad:  # False when no selected layer reaches the loss
             losses.sum().backward()
@@ -45,6 +45,31 @@ def _backward(model, batch: dict, targets, reduce, tokens: list | None = None) -
     if missing:
         raise ModelError(f"selected layers received no gradient (they do not reach the loss): {', '.join(missing)}")
     return losses.detach()
+
+
+def _loss_inputs(model, batch: dict, layout: Layout | None = None):
+    """The model's inputs, the labels and their :class:`TextRows`, found before the forward (one wait on the
+    device while it is idle, instead of one after the forward). Where the model takes ``logits_to_keep``,
+    it computes logits only for the trailing positions that predict a text token: the output head's
+    forward and backward and the loss then cover those positions, not the image's; the labels are trimmed
+    alike, and ``layout`` told, so that a selected output head's inputs are packed from the same positions
+    (the others carry no loss: their gradient there is zero)."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    cpu = labels.cpu()
+    predicts = (cpu[:, 1:] != -100).any(0).nonzero()
+    keep = cpu.shape[1] - int(predicts[0]) if len(predicts) else 1  # from the first predicting position on
+    if keep < cpu.shape[1] and _takes_logits_to_keep(model):
+        inputs["logits_to_keep"] = keep
+        labels, cpu = labels[:, -keep:], cpu[:, -keep:]
+        if layout is not None:
+            layout.tail = keep
+    return inputs, labels, TextRows.of(labels, cpu)
+
+
+def _takes_logits_to_keep(model) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes it through
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def reference_sums(model, batches: Iterable[tuple[dict, Layout]], targets: list[Target]):
@@ -59,7 +84,7 @@ def reference_sums(model, batches: Iterable[tuple[dict, Layout]], targets: list[
                 part = grad.float().T @ x.float()
                 sums[target.name] = sums[target.name] + part if target.name in sums else part
 
-        _backward(model, batch, targets, reduce)
+        _backward(model, batch, layout, targets, reduce)
         count += layout.num_samples
     return sums, count
 
@@ -112,7 +137,7 @@ def batch_stats(model, batch: dict, layout: Layout, targets: list[Target], refs:
         out[target.name] = slice_stats(x, grad.to(x.dtype), offsets, ref, backend=backend)
 
     base = _base_tokens(model, batch)
-    losses = _backward(model, batch, targets, reduce, tokens)
+    losses = _backward(model, batch, layout, targets, reduce, tokens)
     return BatchResult(out, losses, *tokens, base_tokens=base)
 
 
@@ -123,13 +148,13 @@ def _base_tokens(model, batch: dict) -> torch.Tensor | None:
     fine-tuned model's (DESIGN.md §2.5: target-minus-base features). None for any other model."""
     if not hasattr(model, "disable_adapter"):
         return None
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs, labels, rows = _loss_inputs(model, batch)
     # PEFT switches the adapter back on with requires_grad=True on its weights; the capture runs with
     # every weight frozen (no weight gradients), so the flags are put back as they were.
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         with model.disable_adapter():
-            return token_quantities(model(**inputs).logits, batch["labels"])[0]
+            return token_quantities(model(**inputs).logits, labels, rows)[0]
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)

@@ -29,13 +29,16 @@ class Layout:
     For layer inputs shaped (R0, R1, d): ``keep[domain]`` (R0, R1) bool marks real positions, or is None
     when every position is real (vision patches); ``row_sample[domain]`` (R0,) int64 gives the sample of
     each row, non-decreasing. For inputs already packed, (N, d) as in Qwen2-VL's vision tower:
-    ``flat_offsets[domain]`` (B+1,) int64 gives each sample's span.
+    ``flat_offsets[domain]`` (B+1,) int64 gives each sample's span. ``tail``: where the model computed its
+    logits for the last ``tail`` positions only (capture sets it), an input with ``tail`` positions (the
+    output head's) holds those positions.
     """
 
     num_samples: int
     keep: dict[str, torch.Tensor | None] = field(default_factory=dict)
     row_sample: dict[str, torch.Tensor] = field(default_factory=dict)
     flat_offsets: dict[str, torch.Tensor] = field(default_factory=dict)
+    tail: int | None = None
     _packing: dict = field(default_factory=dict, repr=False)  # per (domain, shape, device): row index, offsets
 
     def _plan(self, domain: str, shape: tuple, device):
@@ -45,6 +48,8 @@ class Layout:
                 raise ModelError(f"the batch layout has no '{domain}' positions; known: {sorted(self.keep)}")
             keep = self.keep[domain]
             rows = self.row_sample[domain]
+            if keep is not None and self.tail is not None and shape[1] == self.tail < keep.shape[1]:
+                keep = keep[:, -self.tail:]
             if (keep is not None and tuple(keep.shape) != shape) or len(rows) != shape[0]:
                 expected = tuple(keep.shape) if keep is not None else (len(rows), "any")
                 raise ModelError(f"a {domain} layer saw input rows/positions {shape}, but the batch layout "
