@@ -265,3 +265,27 @@ def test_chat_template_shapes_the_prompt():
     labelled = tok.decode(batch["labels"][0][batch["labels"][0] != -100])
     assert labelled == "a red square"
     _engine_equals_paper_loop(freeze(model), processor, "paper", "torch", "cpu")
+
+
+def test_per_sample_text_loss_by_a_loop():
+    """Mean next-token cross-entropy over each sample's labelled positions, a sample without any giving 0;
+    the gradient reaches only the logits that predict a text token."""
+    from gradaudit.capture.losses import TextRows
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=gen, dtype=torch.float64).requires_grad_(True)
+    labels = torch.full((3, 7), -100)
+    labels[0, 2:5] = torch.tensor([1, 4, 9])
+    labels[2, 6] = 3  # the last position: predicted by position 5
+    losses = per_sample_text_loss(logits, labels)
+    want = torch.zeros(3)
+    for b in range(3):
+        text = [t for t in range(1, 7) if labels[b, t] >= 0]
+        for t in text:
+            want[b] -= float(torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]]) / len(text)
+    torch.testing.assert_close(losses, want)
+    losses.sum().backward()
+    touched = logits.grad.abs().sum(-1) > 0
+    assert touched.nonzero().tolist() == [[0, 1], [0, 2], [0, 3], [2, 5]]
+    rows = TextRows.of(labels)
+    assert rows.offsets.tolist() == [0, 3, 3, 4] and rows.target.tolist() == [1, 4, 9, 3]
