@@ -70,26 +70,8 @@ def main() -> int:
         t_public = per_call(lambda: slice_stats(x, g, off, ref), device, calls)
         t_direct = per_call(lambda: _run(x, g, off, ref, "auto"), device, calls)
         t_op = per_call(lambda: _slice_stats_op(x, g, off, ref, "auto"), device, calls)
-        launched = {}
-        if device.type == "cuda":  # the compiled kernel launched without Triton's binding, against the ordinary launch
-            import gradaudit.kernels.slice_stats as ks
-
-            default = ks._launch_direct.enabled
-            try:
-                ks._launch_direct.enabled = True
-                bits = slice_stats(x, g, off, ref), slice_stats(x, g, off, ref)  # bound, then direct
-                t_launch = per_call(lambda: slice_stats(x, g, off, ref), device, calls)
-                ks._launch_direct.enabled = False
-                t_bound = per_call(lambda: slice_stats(x, g, off, ref), device, calls)
-            finally:
-                ks._launch_direct.enabled = default
-            plain = slice_stats(x, g, off, ref)
-            launched = dict(public_bound_us=t_bound, public_direct_launch_us=t_launch, direct_launch_identical=all(
-                torch.equal(getattr(plain, k), getattr(bits[1], k)) for k in ("row_sq", "col_sq", "row_dot", "col_dot")
-                if getattr(plain, k) is not None))
         rows.append(dict(samples=b, tokens=t, d_in=d_in, d_out=d_out, ref=with_ref, public_us=t_public,
-                         direct_us=t_direct, op_us=t_op, op_minus_direct_us=t_op - t_direct, identical=bool(same),
-                         **launched))
+                         direct_us=t_direct, op_us=t_op, op_minus_direct_us=t_op - t_direct, identical=bool(same)))
         print(f"B={b} T={t} {d_in}x{d_out} ref={with_ref}: public {t_public:.1f} µs, direct {t_direct:.1f} µs, "
               f"op {t_op:.1f} µs, identical {same}", flush=True)
     res = dict(card=card, dtype=str(dtype), torch=torch.__version__, command="python " + " ".join(sys.argv),
@@ -107,14 +89,6 @@ def main() -> int:
         lines.append(f"| {r['samples']} × {r['tokens']} | {r['d_in']} × {r['d_out']} | {'yes' if r['ref'] else 'no'} | "
                      f"{r['public_us']:.1f} | {r['direct_us']:.1f} | {r['op_us']:.1f} | {r['op_minus_direct_us']:+.1f} | "
                      f"{r['op_us'] / r['direct_us']:.2f} | {r['identical']} |")
-    if any("public_bound_us" in r for r in rows):
-        lines += ["", "The direct kernel's compiled binary launched without Triton's argument binding "
-                  "(`GRADAUDIT_DIRECT_LAUNCH=1`) against the ordinary launch, public call, timed back to back:", "",
-                  "| B × T | d_in × d_out | R | ordinary µs | direct launch µs | saved µs | identical |", "|---|---|---|---|---|---|---|"]
-        for r in rows:
-            lines.append(f"| {r['samples']} × {r['tokens']} | {r['d_in']} × {r['d_out']} | {'yes' if r['ref'] else 'no'} | "
-                         f"{r['public_bound_us']:.1f} | {r['public_direct_launch_us']:.1f} | "
-                         f"{r['public_bound_us'] - r['public_direct_launch_us']:+.1f} | {r['direct_launch_identical']} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

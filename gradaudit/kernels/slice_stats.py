@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
 
 log = logging.getLogger("gradaudit")
 
@@ -267,38 +266,6 @@ _tune = _Tuner()
 _chosen: dict[tuple, tuple] = {}  # the tuner's choices by a key cheaper to build than its string (host path)
 
 
-class _DirectLaunch:
-    """Launches the direct kernel's compiled binary without Triton's per-call argument binding, which
-    took about half of a call's 110 µs on an H100's host (binding and specialising 17 arguments;
-    benchmarks/results/NOTES.md). Off unless GRADAUDIT_DIRECT_LAUNCH=1 until it is timed on a GPU.
-
-    The first call with a given key goes through Triton (it compiles if needed, launches, and returns the
-    compiled kernel); later calls with the same key call its launcher. The key holds what Triton
-    specialises on and more: every integer argument's value, every tensor's dtype, device and 16-byte
-    alignment, the constexprs and the launch options, so a cached binary is only reused where Triton would
-    have picked the same one."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.compiled: dict[tuple, object] = {}
-        self.enabled = os.environ.get("GRADAUDIT_DIRECT_LAUNCH", "0") not in ("", "0")
-
-    def __call__(self, grid, args: tuple, constexprs: dict, **options):
-        if not self.enabled or _interpreting():
-            return self.fn[grid](*args, **constexprs, **options)
-        key = (tuple(a if isinstance(a, int) else (a.dtype, a.device, a.data_ptr() % 16 == 0) for a in args),
-               tuple(constexprs.values()), tuple(options.values()))
-        kernel = self.compiled.get(key)
-        if kernel is None:
-            self.compiled[key] = self.fn[grid](*args, **constexprs, **options)
-            return
-        stream = torch.cuda.current_stream(args[0].device).cuda_stream
-        params = (*args, *constexprs.values())  # the kernel's parameters in signature order
-        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, kernel.function, kernel.packed_metadata,
-                   kernel.launch_metadata(grid, stream, *params), knobs.runtime.launch_enter_hook,
-                   knobs.runtime.launch_exit_hook, *params)
-
-
 _tables: dict = {}  # recent device copies of group tables: one batch's layers share the same offsets
 
 
@@ -339,12 +306,11 @@ def _direct(x, grad_out, bounds, samples, ref):
         (grp, smp, offsets), n_groups = _device_table(bounds, samples, n_groups, x.device)
         row = torch.empty(n_q, n_tn, n_out, d_out, dtype=torch.float32, device=x.device)
         col = torch.empty(n_q, n_tm, n_out, d_in, dtype=torch.float32, device=x.device)
-        _launch_direct(
-            (n_tm * n_tn, n_groups),
-            (x, grad_out, r, grp, smp, offsets, row, col, n_out, d_in, d_out,
-             x.stride(0), x.stride(1), grad_out.stride(0), grad_out.stride(1),
-             r.stride(0) if has_ref else 0, r.stride(1) if has_ref else 0),
-            dict(HAS_REF=has_ref, DOT_PRECISION=precision, BM=bm, BN=bn, BK=bk),
+        _direct_kernel[(n_tm * n_tn, n_groups)](
+            x, grad_out, r, grp, smp, offsets, row, col, n_out, d_in, d_out,
+            x.stride(0), x.stride(1), grad_out.stride(0), grad_out.stride(1),
+            r.stride(0) if has_ref else 0, r.stride(1) if has_ref else 0,
+            HAS_REF=has_ref, DOT_PRECISION=precision, BM=bm, BN=bn, BK=bk,
             num_warps=num_warps, num_stages=num_stages,
         )
         return row, col
@@ -362,9 +328,6 @@ def _direct(x, grad_out, bounds, samples, ref):
     row, col = run(*cfg)
     # partial sums added in a fixed order; a single tile along an axis needs no sum
     return (row[:, 0] if row.shape[1] == 1 else row.sum(1)), (col[:, 0] if col.shape[1] == 1 else col.sum(1))
-
-
-_launch_direct = _DirectLaunch(_direct_kernel)
 
 
 @functools.lru_cache(maxsize=64)
