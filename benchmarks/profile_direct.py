@@ -1,12 +1,17 @@
 """Where the time of slice_stats goes on a GPU: host overhead per call (cProfile) and the direct
 kernel's time under each tuning configuration.
 
-Usage: python benchmarks/profile_direct.py   (CUDA only; prints a table)
+Usage: python benchmarks/profile_direct.py             (CUDA only; prints a table)
+       python benchmarks/profile_direct.py --configs   every configuration's registers, spills, shared
+                                                       memory and time at the capture engine's shapes
 """
 
 import cProfile
 import pstats
+import sys
 import time
+
+import numpy as np
 
 import torch
 from triton.testing import do_bench
@@ -27,7 +32,45 @@ def host_profile(x, g, off, ref, calls=200):
     pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
+EXTRA_CONFIGS = [(64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 256, 64, 4, 3), (64, 128, 64, 4, 4)]
+
+
+def config_table():
+    """Each configuration of ks.CONFIGS (and EXTRA_CONFIGS, tiles outside the partial sums' memory bound)
+    compiled and timed at the LLaVA-1.5 shapes of benchmarks/bench_capture_gpu.py, with R."""
+    for d_in, d_out, n_samples, n_tok in [(1024, 1024, 16, 577), (1024, 4096, 16, 577), (2048, 2048, 16, 657),
+                                          (2048, 5632, 16, 657), (5632, 2048, 16, 657), (4096, 4096, 8, 657),
+                                          (4096, 4096, 32, 256)]:
+        n = n_samples * n_tok
+        x = torch.randn(n, d_in, device="cuda", dtype=torch.bfloat16)
+        g = torch.randn(n, d_out, device="cuda", dtype=torch.bfloat16)
+        r = torch.randn(d_out, d_in, device="cuda")
+        bounds = np.arange(0, n + 1, n_tok, dtype=np.int64)
+        rate_ms = do_bench(lambda: torch.mm(g.T, x), return_mode="median")
+        for bm, bn, bk, warps, stages in ks.CONFIGS + EXTRA_CONFIGS:
+            n_tm, n_tn = ks._cdiv(d_out, bm), ks._cdiv(d_in, bn)
+            n_groups = min(n_samples, ks._cdiv(2 * ks._num_sms(x.device), n_tm * n_tn))
+            (grp, smp, off), n_groups = ks._device_table(bounds, np.arange(n_samples), n_groups, x.device)
+            row = torch.empty(2, n_tn, n_samples, d_out, device="cuda")
+            col = torch.empty(2, n_tm, n_samples, d_in, device="cuda")
+
+            def launch():
+                return ks._direct_kernel[(n_tm * n_tn, n_groups)](
+                    x, g, r, grp, smp, off, row, col, n_samples, d_in, d_out, x.stride(0), x.stride(1), g.stride(0),
+                    g.stride(1), r.stride(0), r.stride(1), HAS_REF=True, DOT_PRECISION="tf32", BM=bm, BN=bn, BK=bk,
+                    num_warps=warps, num_stages=stages)
+
+            k = launch()
+            ms = do_bench(launch, return_mode="median")
+            print(f"| {d_in}x{d_out} | {n_samples} | {n_tok} | {(bm, bn, bk, warps, stages)} | {k.n_regs} | {k.n_spills} | "
+                  f"{k.metadata.shared // 1024} KiB | {ms:.3f} | {rate_ms / ms:.2f} |", flush=True)
+
+
 def main():
+    if "--configs" in sys.argv:
+        print("| shape | B | T | config (BM, BN, BK, warps, stages) | registers | spilled | shared | ms | of rate |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        return config_table()
     rows = []
     for d_in, d_out, n_samples, n_tok in [(1024, 1024, 1, 256), (1024, 4096, 32, 256), (4096, 4096, 32, 256),
                                           (4096, 4096, 8, 2048), (4096, 11008, 32, 640), (11008, 4096, 8, 2048)]:
