@@ -1,0 +1,266 @@
+"""Experiment: the direct route's kernel written in Gluon for Hopper (sm_90), checked against a float64
+reference and timed against the Triton kernel (benchmarks/results/NOTES.md has the figures). Not used by
+the package: on an H100 its first version ran at 0.63–0.76× the Triton kernel's speed; this is the second
+(one barrier a block, the copy two blocks ahead, the sample table read only where a sample ends), which
+has compiled for sm_90 (189 registers, none spilled) but not yet run.
+
+The kernel keeps the contract, arguments and output buffers of ``gradaudit.kernels.slice_stats._direct_kernel``,
+with what Triton's compiler would not give that kernel (every tuned configuration with R spilled at 255
+registers, and the pipeline drained at each sample's end):
+
+* the R tile sits in shared memory (fp32), read once per sample in the epilogue, not held in registers;
+* one software-pipelined loop over every token block of every sample of the group: the copies of the
+  next sample's first blocks are in flight while this sample's epilogue runs;
+* 8 warps (two warpgroups of 64 rows) share a 128 × BN accumulator: 64 registers a thread for BN = 128.
+
+Loads are masked ``cp.async`` copies (a sample's last block stops at its last token, which TMA's bounds
+cannot express), each block of Δ copied as (BK, BM) and read by ``warpgroup_mma`` transposed. bf16 and
+fp16 with row strides that are multiples of 16 elements (others fail to compile: narrower copies into the
+swizzled layout).
+
+    python benchmarks/gluon_direct.py            # check, then time (CUDA, Hopper)
+    python benchmarks/gluon_direct.py --force    # time even where a check failed
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import numpy as np
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.testing import do_bench
+
+import gradaudit.kernels.slice_stats as ks
+
+
+@gluon.jit
+def _next_block(t0, start, end, b, k, hi, SMP, OFF, BK: gl.constexpr):
+    """The block after (sample b, the group's k-th, its tokens start to end, this block's from t0):
+    (t0, start, end, b, k), where k == hi is past the group's last sample. Reads the sample table only
+    when a sample ends."""
+    t0 = t0 + BK
+    if t0 >= end:
+        k = k + 1
+        b = gl.load(SMP + gl.minimum(k, hi - 1))
+        start = gl.load(OFF + b)
+        end = gl.load(OFF + b + 1)
+        t0 = start
+    return t0, start, end, b, k
+
+
+@gluon.jit
+def _copy_block(X, D, xs, ds, t0, end, offs_ti, offs_i, offs_tj, offs_j, mi, mj,
+                stride_xt, stride_xj, stride_dt, stride_di, live):
+    """Copies Δ[t0:t0+BK, tile rows] into ds (BK, BM) and X[t0:t0+BK, tile cols] into xs (BK, BN); tokens
+    at or past ``end`` (and everything when not ``live``) read as zeros."""
+    td = t0 + offs_ti
+    tx = t0 + offs_tj
+    cp.async_copy_global_to_shared(ds, D + td[:, None] * stride_dt + offs_i[None, :] * stride_di,
+                                   mask=((td < end) & live)[:, None] & mi[None, :])
+    cp.async_copy_global_to_shared(xs, X + tx[:, None] * stride_xt + offs_j[None, :] * stride_xj,
+                                   mask=((tx < end) & live)[:, None] & mj[None, :])
+    cp.commit_group()
+
+
+@gluon.jit
+def direct_kernel_hopper(
+    X, D, R, GRP, SMP, OFF, ROW, COL,
+    n_out, d_in, d_out,
+    stride_xt, stride_xj, stride_dt, stride_di, stride_ri, stride_rj,
+    HAS_REF: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """Program (tile, group): as ``_direct_kernel``, ROW[q, tj, b, i] and COL[q, ti, b, j] (q = 0 squares,
+    q = 1 dot products with R) for the samples SMP[GRP[g]:GRP[g+1]]."""
+    dtype: gl.constexpr = X.dtype.element_ty
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BN, 16])
+    rows_of: gl.constexpr = gl.SliceLayout(1, mma)
+    cols_of: gl.constexpr = gl.SliceLayout(0, mma)
+    # copies: 16 bytes a thread along the contiguous feature axis, tokens across the rest
+    load: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
+    tok_of: gl.constexpr = gl.SliceLayout(1, load)
+    feat_of: gl.constexpr = gl.SliceLayout(0, load)
+
+    pid = gl.program_id(0)
+    n_tn = gl.cdiv(d_in, BN)
+    n_tm = gl.cdiv(d_out, BM)
+    ti = pid // n_tn
+    tj = pid % n_tn
+    lo = gl.load(GRP + gl.program_id(1))
+    hi = gl.load(GRP + gl.program_id(1) + 1)
+
+    offs_ti = gl.arange(0, BK, layout=tok_of)
+    offs_tj = gl.arange(0, BK, layout=tok_of)
+    offs_i = ti * BM + gl.arange(0, BM, layout=feat_of)
+    offs_j = tj * BN + gl.arange(0, BN, layout=feat_of)
+    mi_load = offs_i < d_out
+    mj_load = offs_j < d_in
+
+    d_smem = gl.allocate_shared_memory(dtype, [STAGES, BK, BM], gl.NVMMASharedLayout.get_default_for([BK, BM], dtype))
+    x_smem = gl.allocate_shared_memory(dtype, [STAGES, BK, BN], gl.NVMMASharedLayout.get_default_for([BK, BN], dtype))
+
+    out_i = ti * BM + gl.arange(0, BM, layout=rows_of)
+    out_j = tj * BN + gl.arange(0, BN, layout=cols_of)
+    mi = out_i < d_out
+    mj = out_j < d_in
+    if HAS_REF:
+        r_smem = gl.allocate_shared_memory(gl.float32, [BM, BN], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        r_load: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
+        ri = ti * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, r_load))
+        rj = tj * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, r_load))
+        r = gl.load(R + ri[:, None] * stride_ri + rj[None, :] * stride_rj,
+                    mask=(ri < d_out)[:, None] & (rj < d_in)[None, :], other=0.0)
+        r_smem.store(r.to(gl.float32))
+
+    # the copy cursor runs STAGES - 2 blocks ahead of the compute cursor, across sample boundaries; a buffer
+    # is refilled two blocks after it was read (STAGES >= 3)
+    cb = gl.load(SMP + lo)
+    ct = gl.load(OFF + cb)
+    cs = ct
+    ce = gl.load(OFF + cb + 1)
+    ck = lo
+    for s in gl.static_range(STAGES - 2):
+        _copy_block(X, D, x_smem.index(s), d_smem.index(s), ct, ce, offs_ti, offs_i, offs_tj, offs_j, mi_load,
+                    mj_load, stride_xt, stride_xj, stride_dt, stride_di, ck < hi)
+        ct, cs, ce, cb, ck = _next_block(ct, cs, ce, cb, ck, hi, SMP, OFF, BK)
+
+    b = gl.load(SMP + lo)
+    t0 = gl.load(OFF + b)
+    end = gl.load(OFF + b + 1)
+    start = t0
+    k = lo
+    stage = 0
+    acc = gl.zeros((BM, BN), dtype=gl.float32, layout=mma)
+    while k < hi:
+        cp.wait_group(STAGES - 3)  # this block's copy is done (each thread's own; the barrier makes it everyone's)
+        fence_async_shared()
+        gl.thread_barrier()
+        # past the barrier both warpgroups are done with the block two back: its buffer takes the next copy
+        ahead = (stage + STAGES - 2) % STAGES
+        _copy_block(X, D, x_smem.index(ahead), d_smem.index(ahead), ct, ce, offs_ti, offs_i, offs_tj, offs_j,
+                    mi_load, mj_load, stride_xt, stride_xj, stride_dt, stride_di, ck < hi)
+        ct, cs, ce, cb, ck = _next_block(ct, cs, ce, cb, ck, hi, SMP, OFF, BK)
+        acc = warpgroup_mma(d_smem.index(stage).permute((1, 0)), x_smem.index(stage), acc,
+                            use_acc=t0 > start, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        if t0 + BK >= end:  # the sample's last block: reduce its tile of G_b
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            row_at = (tj * n_out + b).to(gl.int64) * d_out + out_i
+            col_at = (ti * n_out + b).to(gl.int64) * d_in + out_j
+            sq = acc * acc
+            gl.store(ROW + row_at, gl.sum(sq, axis=1), mask=mi)
+            gl.store(COL + col_at, gl.sum(sq, axis=0), mask=mj)
+            if HAS_REF:
+                gr = acc * r_smem.load(mma)
+                gl.store(ROW + n_tn * n_out * d_out + row_at, gl.sum(gr, axis=1), mask=mi)
+                gl.store(COL + n_tm * n_out * d_in + col_at, gl.sum(gr, axis=0), mask=mj)
+        t0, start, end, b, k = _next_block(t0, start, end, b, k, hi, SMP, OFF, BK)
+        stage = (stage + 1) % STAGES
+    cp.wait_group(0)
+
+
+def launch(kernel, x, g, r, bounds, cfg, outs=None):
+    """One launch of ``kernel`` ("gluon" or "triton") in configuration (BM, BN, BK, warps, stages) with the
+    package's group table; returns its partial-sum buffers (row, col)."""
+    bm, bn, bk, warps, stages = cfg
+    n_out = len(bounds) - 1
+    d_in, d_out = x.shape[1], g.shape[1]
+    n_tm, n_tn = ks._cdiv(d_out, bm), ks._cdiv(d_in, bn)
+    samples = np.arange(n_out, dtype=np.int64)
+    n_groups = min(n_out, ks._cdiv(2 * ks._num_sms(x.device), n_tm * n_tn))
+    (grp, smp, off), n_groups = ks._device_table(bounds, samples, n_groups, x.device)
+    n_q = 2 if r is not None else 1
+    if outs is None:
+        outs = (torch.empty(n_q, n_tn, n_out, d_out, device="cuda"), torch.empty(n_q, n_tm, n_out, d_in, device="cuda"))
+    row, col = outs
+    rr = r if r is not None else x
+    args = (x, g, rr, grp, smp, off, row, col, n_out, d_in, d_out, x.stride(0), x.stride(1), g.stride(0), g.stride(1),
+            rr.stride(0) if r is not None else 0, rr.stride(1) if r is not None else 0)
+    if kernel == "gluon":
+        direct_kernel_hopper[(n_tm * n_tn, n_groups)](*args, HAS_REF=r is not None, BM=bm, BN=bn, BK=bk, STAGES=stages,
+                                                     num_warps=warps)
+    else:
+        ks._direct_kernel[(n_tm * n_tn, n_groups)](*args, HAS_REF=r is not None, DOT_PRECISION="tf32", BM=bm, BN=bn,
+                                                  BK=bk, num_warps=warps, num_stages=stages)
+    return outs
+
+
+def reference(x, g, r, bounds):
+    """Row and column squares (and dots with r) of every G_b, float64, materialised."""
+    rows = []
+    for b in range(len(bounds) - 1):
+        G = g[bounds[b]:bounds[b + 1]].double().T @ x[bounds[b]:bounds[b + 1]].double()
+        q = [(G * G).sum(1), (G * G).sum(0)]
+        if r is not None:
+            q += [(G * r.double()).sum(1), (G * r.double()).sum(0)]
+        rows.append(q)
+    return [torch.stack([row[i] for row in rows]) for i in range(len(rows[0]))]
+
+
+def check():
+    """Both kernels against the float64 reference: ragged samples, an empty one, odd shapes, fp16."""
+    ok = True
+    for lengths, d_in, d_out, dtype, with_ref in [([256] * 8 + [31, 0, 700], 1024, 512, torch.bfloat16, True),
+                                                  ([256] * 8 + [31, 0, 700], 1024, 512, torch.float16, False),
+                                                  ([5, 64, 65, 129, 0, 1], 1000, 520, torch.bfloat16, True),
+                                                  ([657] * 16, 2048, 2048, torch.bfloat16, True)]:
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        n = sum(lengths)
+        x = torch.randn(n, d_in, device="cuda", generator=gen).to(dtype)
+        g = torch.randn(n, d_out, device="cuda", generator=gen).to(dtype)
+        r = torch.randn(d_out, d_in, device="cuda", generator=gen) if with_ref else None
+        bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        want = reference(x, g, r, bounds)
+        for kernel in ("triton", "gluon"):
+            if kernel == "gluon" and (d_in % 16 or d_out % 16):
+                print(f"check gluon {d_in}x{d_out}: skipped (rows not a multiple of 16 elements)", flush=True)
+                continue
+            try:
+                row, col = launch(kernel, x, g, r, bounds, (128, 128, 64, 8, 4) if kernel == "gluon" else (128, 128, 64, 4, 3))
+                torch.cuda.synchronize()
+                got = [row[0].sum(0), col[0].sum(0)] + ([row[1].sum(0), col[1].sum(0)] if with_ref else [])
+                errs = [float((a.double() - w).norm() / w.norm().clamp_min(1e-30)) for a, w in zip(got, want)]
+                good = all(e < 1e-4 for e in errs)
+                ok &= good or kernel == "triton"
+                print(f"check {kernel} {lengths[:3]}… {d_in}x{d_out} {dtype} ref={with_ref}: rel errors "
+                      + " ".join(f"{e:.1e}" for e in errs) + (" OK" if good else " WRONG"), flush=True)
+            except Exception:
+                ok = False
+                print(f"check {kernel} {lengths[:3]}… {d_in}x{d_out} {dtype} ref={with_ref} failed: "
+                      f"{traceback.format_exc().strip().splitlines()[-1][:200]}", flush=True)
+    return ok
+
+
+def timing():
+    """The Gluon kernel's configurations against the Triton kernel's usual one and cuBLAS, capture shapes."""
+    print("| shape | B | T | cuBLAS ms | triton (128,128,64,4,3) ms | of rate | gluon cfg | ms | of rate | gluon / triton |")
+    for d_in, d_out, nb, nt in [(1024, 4096, 16, 577), (2048, 5632, 16, 657), (4096, 11008, 8, 657), (4096, 4096, 32, 256),
+                                (4096, 4096, 8, 2048)]:
+        n = nb * nt
+        x = torch.randn(n, d_in, device="cuda", dtype=torch.bfloat16)
+        g = torch.randn(n, d_out, device="cuda", dtype=torch.bfloat16)
+        r = torch.randn(d_out, d_in, device="cuda")
+        bounds = np.arange(0, n + 1, nt, dtype=np.int64)
+        rate = do_bench(lambda: torch.mm(g.T, x), return_mode="median")
+        tcfg = (128, 128, 64, 4, 3)
+        outs = launch("triton", x, g, r, bounds, tcfg)
+        t_tr = do_bench(lambda: launch("triton", x, g, r, bounds, tcfg, outs), return_mode="median")
+        for gcfg in [(128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (128, 128, 32, 8, 6)]:
+            try:
+                outs_g = launch("gluon", x, g, r, bounds, gcfg)
+                t_gl = do_bench(lambda: launch("gluon", x, g, r, bounds, gcfg, outs_g), return_mode="median")
+                print(f"| {d_in}x{d_out} | {nb} | {nt} | {rate:.3f} | {t_tr:.3f} | {rate / t_tr:.2f} | {gcfg} | {t_gl:.3f} | "
+                      f"{rate / t_gl:.2f} | {t_tr / t_gl:.2f}× |", flush=True)
+            except Exception as e:
+                print(f"| {d_in}x{d_out} | gluon {gcfg} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
+if __name__ == "__main__":
+    if check() or "--force" in sys.argv:
+        timing()
