@@ -178,22 +178,27 @@ def direct_kernel_hopper(
 
 @gluon.jit
 def _pp_load(d_desc, x_desc, d_smem, x_smem, ready, empty, GRP, SMP, OFF, off_i, off_j,
-             BK: gl.constexpr, STAGES: gl.constexpr):
-    """Loader: every block of every sample of the group, in order, into the ring of STAGES buffers."""
-    lo = gl.load(GRP + gl.program_id(1))
-    hi = gl.load(GRP + gl.program_id(1) + 1)
-    i = 0
+             BK: gl.constexpr, RING: gl.constexpr):
+    """Loader: every block of every sample of the group, in order, into the ring of the sample's consumer
+    (samples alternate between consumers 0 and 1; consumer c owns buffers c·RING to c·RING + RING − 1)."""
+    lo = gl.load(GRP + gl.program_id(1)).to(gl.int32)
+    hi = gl.load(GRP + gl.program_id(1) + 1).to(gl.int32)
+    i0 = 0  # blocks put in each ring so far
+    i1 = 0
     for k in range(lo, hi):
+        c = (k - lo) % 2
         b = gl.load(SMP + k)
         start = gl.load(OFF + b).to(gl.int32)
         n = gl.maximum(gl.cdiv(gl.load(OFF + b + 1).to(gl.int32) - start, BK), 1)
+        i = gl.where(c == 0, i0, i1)
         for j in range(n):
-            s = i % STAGES
-            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # the first pass finds every buffer free
+            s = c * RING + (i + j) % RING
+            mbarrier.wait(empty.index(s), (((i + j) // RING) & 1) ^ 1)  # the first pass finds every buffer free
             mbarrier.expect(ready.index(s), d_desc.block_type.nbytes + x_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(d_desc, [start + j * BK, off_i], ready.index(s), d_smem.index(s))
             tma.async_copy_global_to_shared(x_desc, [start + j * BK, off_j], ready.index(s), x_smem.index(s))
-            i += 1
+        i0 = gl.where(c == 0, i0 + n, i0)
+        i1 = gl.where(c == 1, i1 + n, i1)
 
 
 @gluon.jit
@@ -216,8 +221,9 @@ def _pp_half(acc, r_smem, ROW, ti, tj, b, h, n_out, d_out, n_tn, HAS_REF: gl.con
 
 @gluon.jit
 def _pp_consume(c, d_smem, x_smem, r_smem, ready, empty, GRP, SMP, OFF, ROW, COL, n_out, d_in, d_out, ti, tj,
-                HAS_REF: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
-    """Consumer c (0 or 1): the group's samples c, c + 2, …; products, then the sample's statistics."""
+                HAS_REF: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, RING: gl.constexpr):
+    """Consumer c (0 or 1): the group's samples c, c + 2, … from its own ring (one reader a ring, so a
+    buffer's barrier phases never alias); products, then the sample's statistics."""
     HALF: gl.constexpr = BM // 2
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
     zl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -226,44 +232,43 @@ def _pp_consume(c, d_smem, x_smem, r_smem, ready, empty, GRP, SMP, OFF, ROW, COL
     out_j = tj * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
     mj = out_j < d_in
     tok = gl.arange(0, BK, layout=gl.SliceLayout(1, zl))
-    lo = gl.load(GRP + gl.program_id(1))
-    hi = gl.load(GRP + gl.program_id(1) + 1)
-    i = 0
-    for k in range(lo, hi):
+    lo = gl.load(GRP + gl.program_id(1)).to(gl.int32)
+    hi = gl.load(GRP + gl.program_id(1) + 1).to(gl.int32)
+    i = 0  # blocks taken from this consumer's ring so far
+    for k in range(lo + c, hi, 2):
         b = gl.load(SMP + k)
         start = gl.load(OFF + b).to(gl.int32)
         end = gl.load(OFF + b + 1).to(gl.int32)
         n = gl.maximum(gl.cdiv(end - start, BK), 1)
-        if (k - lo) % 2 == c:
-            top = gl.zeros((HALF, BN), dtype=gl.float32, layout=mma)
-            bot = gl.zeros((HALF, BN), dtype=gl.float32, layout=mma)
-            for j in range(n):
-                s = (i + j) % STAGES
-                mbarrier.wait(ready.index(s), ((i + j) // STAGES) & 1)
-                t0 = start + j * BK
-                if t0 + BK > end:  # the block runs past the sample: its X rows there become zeros
-                    xs = x_smem.index(s)
-                    xv = xs.load(zl)
-                    xs.store(gl.where((t0 + tok < end)[:, None], xv, gl.zeros_like(xv)))
-                    fence_async_shared()
-                    gl.thread_barrier()
-                ds = d_smem.index(s)
-                top = warpgroup_mma(ds.slice(0, HALF, dim=1).permute((1, 0)), x_smem.index(s), top,
-                                    use_acc=j > 0, is_async=True)
-                bot = warpgroup_mma(ds.slice(HALF, HALF, dim=1).permute((1, 0)), x_smem.index(s), bot,
-                                    use_acc=j > 0, is_async=True)
-                top, bot = warpgroup_mma_wait(num_outstanding=2, deps=(top, bot))  # the block before is done
-                if j > 0:
-                    mbarrier.arrive(empty.index((i + j - 1) % STAGES))
-            top, bot = warpgroup_mma_wait(num_outstanding=0, deps=(top, bot))
-            mbarrier.arrive(empty.index((i + n - 1) % STAGES))
-            sq_t, dot_t = _pp_half(top, r_smem, ROW, ti, tj, b, 0, n_out, d_out, n_tn, HAS_REF, BM, HALF, mma)
-            sq_b, dot_b = _pp_half(bot, r_smem, ROW, ti, tj, b, 1, n_out, d_out, n_tn, HAS_REF, BM, HALF, mma)
-            col_at = (ti * n_out + b).to(gl.int64) * d_in + out_j
-            gl.store(COL + col_at, sq_t + sq_b, mask=mj)
-            if HAS_REF:
-                gl.store(COL + n_tm * n_out * d_in + col_at, dot_t + dot_b, mask=mj)
+        top = gl.zeros((HALF, BN), dtype=gl.float32, layout=mma)
+        bot = gl.zeros((HALF, BN), dtype=gl.float32, layout=mma)
+        for j in range(n):
+            s = c * RING + (i + j) % RING
+            mbarrier.wait(ready.index(s), ((i + j) // RING) & 1)
+            t0 = start + j * BK
+            if t0 + BK > end:  # the block runs past the sample: its X rows there become zeros
+                xs = x_smem.index(s)
+                xv = xs.load(zl)
+                xs.store(gl.where((t0 + tok < end)[:, None], xv, gl.zeros_like(xv)))
+                fence_async_shared()
+                gl.thread_barrier()
+            ds = d_smem.index(s)
+            top = warpgroup_mma(ds.slice(0, HALF, dim=1).permute((1, 0)), x_smem.index(s), top,
+                                use_acc=j > 0, is_async=True)
+            bot = warpgroup_mma(ds.slice(HALF, HALF, dim=1).permute((1, 0)), x_smem.index(s), bot,
+                                use_acc=j > 0, is_async=True)
+            top, bot = warpgroup_mma_wait(num_outstanding=2, deps=(top, bot))  # the block before is done
+            if j > 0:
+                mbarrier.arrive(empty.index(c * RING + (i + j - 1) % RING))
+        top, bot = warpgroup_mma_wait(num_outstanding=0, deps=(top, bot))
+        mbarrier.arrive(empty.index(c * RING + (i + n - 1) % RING))
         i += n
+        sq_t, dot_t = _pp_half(top, r_smem, ROW, ti, tj, b, 0, n_out, d_out, n_tn, HAS_REF, BM, HALF, mma)
+        sq_b, dot_b = _pp_half(bot, r_smem, ROW, ti, tj, b, 1, n_out, d_out, n_tn, HAS_REF, BM, HALF, mma)
+        col_at = (ti * n_out + b).to(gl.int64) * d_in + out_j
+        gl.store(COL + col_at, sq_t + sq_b, mask=mj)
+        if HAS_REF:
+            gl.store(COL + n_tm * n_out * d_in + col_at, dot_t + dot_b, mask=mj)
 
 
 @gluon.jit
@@ -273,7 +278,7 @@ def direct_kernel_pingpong(
 ):
     """Program (tile, group) as ``_direct_kernel``'s; Δ and X come as TMA descriptors with blocks (BK, BM)
     and (BK, BN). Launched with num_warps=4 (the first consumer); the second consumer and the loader are
-    worker partitions of 4 warps and 1."""
+    worker partitions of 4 warps and 1. STAGES buffers, half of them each consumer's ring."""
     BK: gl.constexpr = d_desc.block_type.shape[0]
     BM: gl.constexpr = d_desc.block_type.shape[1]
     BN: gl.constexpr = x_desc.block_type.shape[1]
@@ -300,10 +305,10 @@ def direct_kernel_pingpong(
     gl.thread_barrier()
     gl.warp_specialize([
         (_pp_consume, (0, d_smem, x_smem, r_smem, ready, empty, GRP, SMP, OFF, ROW, COL, n_out, d_in, d_out, ti, tj,
-                       HAS_REF, BM, BN, BK, STAGES)),
+                       HAS_REF, BM, BN, BK, STAGES // 2)),
         (_pp_consume, (1, d_smem, x_smem, r_smem, ready, empty, GRP, SMP, OFF, ROW, COL, n_out, d_in, d_out, ti, tj,
-                       HAS_REF, BM, BN, BK, STAGES)),
-        (_pp_load, (d_desc, x_desc, d_smem, x_smem, ready, empty, GRP, SMP, OFF, ti * BM, tj * BN, BK, STAGES)),
+                       HAS_REF, BM, BN, BK, STAGES // 2)),
+        (_pp_load, (d_desc, x_desc, d_smem, x_smem, ready, empty, GRP, SMP, OFF, ti * BM, tj * BN, BK, STAGES // 2)),
     ], [4, 1], [232, 40])  # the second consumer's warps and the loader's; registers a thread for each
 
 
@@ -404,7 +409,7 @@ def timing():
         outs = launch("triton", x, g, r, bounds, tcfg)
         t_tr = do_bench(lambda: launch("triton", x, g, r, bounds, tcfg, outs), return_mode="median")
         for kernel, gcfg in [("gluon", (128, 128, 64, 8, 4)), ("gluon", (128, 128, 64, 8, 5)),
-                             ("pingpong", (128, 128, 64, 4, 4)), ("pingpong", (128, 128, 64, 4, 3))]:
+                             ("pingpong", (128, 128, 64, 4, 4)), ("pingpong", (128, 128, 32, 4, 8))]:
             try:
                 outs_g = launch(kernel, x, g, r, bounds, gcfg)
                 t_gl = do_bench(lambda: launch(kernel, x, g, r, bounds, gcfg, outs_g), return_mode="median")
