@@ -104,8 +104,8 @@ def _direct_kernel(
         tl.store(COL + col_at, tl.sum(sq, axis=0), mask=mj)
         if HAS_REF:
             gr = acc * r
-            tl.store(ROW + n_tn * n_out * d_out + row_at, tl.sum(gr, axis=1), mask=mi)
-            tl.store(COL + n_tm * n_out * d_in + col_at, tl.sum(gr, axis=0), mask=mj)
+            tl.store(ROW + (n_tn * n_out).to(tl.int64) * d_out + row_at, tl.sum(gr, axis=1), mask=mi)
+            tl.store(COL + (n_tm * n_out).to(tl.int64) * d_in + col_at, tl.sum(gr, axis=0), mask=mj)
 
 
 @triton.jit
