@@ -41,6 +41,19 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.testing import do_bench
 
 import gradaudit.kernels.slice_stats as ks
+from profile_direct import random_case
+
+
+@gluon.jit
+def _stage_r(R, r_smem, ti, tj, d_in, d_out, stride_ri, stride_rj, BM: gl.constexpr, BN: gl.constexpr,
+             num_warps: gl.constexpr):
+    """The program's BM × BN tile of R into shared memory as fp32 (zeros past R's edges)."""
+    r_load: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
+    ri = ti * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, r_load))
+    rj = tj * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, r_load))
+    r = gl.load(R + ri[:, None] * stride_ri + rj[None, :] * stride_rj,
+                mask=(ri < d_out)[:, None] & (rj < d_in)[None, :], other=0.0)
+    r_smem.store(r.to(gl.float32))
 
 
 @gluon.jit
@@ -115,14 +128,9 @@ def direct_kernel_hopper(
     out_j = tj * BN + gl.arange(0, BN, layout=cols_of)
     mi = out_i < d_out
     mj = out_j < d_in
+    r_smem = gl.allocate_shared_memory(gl.float32, [BM, BN], gl.SwizzledSharedLayout(4, 1, 8, [1, 0]))
     if HAS_REF:
-        r_smem = gl.allocate_shared_memory(gl.float32, [BM, BN], gl.SwizzledSharedLayout(4, 1, 8, [1, 0]))
-        r_load: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
-        ri = ti * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, r_load))
-        rj = tj * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, r_load))
-        r = gl.load(R + ri[:, None] * stride_ri + rj[None, :] * stride_rj,
-                    mask=(ri < d_out)[:, None] & (rj < d_in)[None, :], other=0.0)
-        r_smem.store(r.to(gl.float32))
+        _stage_r(R, r_smem, ti, tj, d_in, d_out, stride_ri, stride_rj, BM, BN, num_warps)
 
     # the copy cursor runs STAGES - 2 blocks ahead of the compute cursor, across sample boundaries; a buffer
     # is refilled two blocks after it was read (STAGES >= 3)
@@ -304,12 +312,7 @@ def direct_kernel_pingpong(
         mbarrier.init(empty.index(s), count=1)
     r_smem = gl.allocate_shared_memory(gl.float32, [BM, BN], gl.SwizzledSharedLayout(4, 1, 8, [1, 0]))
     if HAS_REF:
-        r_load: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
-        ri = ti * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, r_load))
-        rj = tj * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, r_load))
-        r = gl.load(R + ri[:, None] * stride_ri + rj[None, :] * stride_rj,
-                    mask=(ri < d_out)[:, None] & (rj < d_in)[None, :], other=0.0)
-        r_smem.store(r.to(gl.float32))
+        _stage_r(R, r_smem, ti, tj, d_in, d_out, stride_ri, stride_rj, BM, BN, num_warps)
     gl.thread_barrier()
     gl.warp_specialize([
         (_pp_consume, (0, d_smem, x_smem, r_smem, ready, empty, GRP, SMP, OFF, ROW, COL, n_out, d_in, d_out, ti, tj,
@@ -445,12 +448,7 @@ def timing():
     print("| shape | B | T | cuBLAS ms | triton (128,128,64,4,3) ms | of rate | kernel, cfg | ms | of rate | speed / triton |")
     for d_in, d_out, nb, nt in [(1024, 4096, 16, 577), (2048, 5632, 16, 657), (4096, 11008, 8, 657), (4096, 4096, 32, 256),
                                 (4096, 4096, 8, 2048)]:
-        n = nb * nt
-        x = torch.randn(n, d_in, device="cuda", dtype=torch.bfloat16)
-        g = torch.randn(n, d_out, device="cuda", dtype=torch.bfloat16)
-        r = torch.randn(d_out, d_in, device="cuda")
-        bounds = np.arange(0, n + 1, nt, dtype=np.int64)
-        rate = do_bench(lambda: torch.mm(g.T, x), return_mode="median")
+        x, g, r, bounds, rate = random_case(d_in, d_out, nb, nt)
         tcfg = (128, 128, 64, 4, 3)
         outs = launch("triton", x, g, r, bounds, tcfg)
         t_tr = do_bench(lambda: launch("triton", x, g, r, bounds, tcfg, outs), return_mode="median")

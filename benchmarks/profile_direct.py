@@ -35,18 +35,24 @@ def host_profile(x, g, off, ref, calls=200):
 EXTRA_CONFIGS = [(64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 256, 64, 4, 3), (64, 128, 64, 4, 4)]
 
 
+def random_case(d_in, d_out, n_samples, n_tok):
+    """bf16 inputs x (N, d_in) and Δ (N, d_out) of n_samples samples of n_tok tokens, an fp32 R, the sample
+    boundaries (numpy), and cuBLAS's time for Δᵀx over all tokens (the rate's reference, ms)."""
+    n = n_samples * n_tok
+    x = torch.randn(n, d_in, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(n, d_out, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn(d_out, d_in, device="cuda")
+    bounds = np.arange(0, n + 1, n_tok, dtype=np.int64)
+    return x, g, r, bounds, do_bench(lambda: torch.mm(g.T, x), return_mode="median")
+
+
 def config_table():
     """Each configuration of ks.CONFIGS (and EXTRA_CONFIGS, tiles outside the partial sums' memory bound)
     compiled and timed at the LLaVA-1.5 shapes of benchmarks/bench_capture_gpu.py, with R."""
     for d_in, d_out, n_samples, n_tok in [(1024, 1024, 16, 577), (1024, 4096, 16, 577), (2048, 2048, 16, 657),
                                           (2048, 5632, 16, 657), (5632, 2048, 16, 657), (4096, 4096, 8, 657),
                                           (4096, 4096, 32, 256)]:
-        n = n_samples * n_tok
-        x = torch.randn(n, d_in, device="cuda", dtype=torch.bfloat16)
-        g = torch.randn(n, d_out, device="cuda", dtype=torch.bfloat16)
-        r = torch.randn(d_out, d_in, device="cuda")
-        bounds = np.arange(0, n + 1, n_tok, dtype=np.int64)
-        rate_ms = do_bench(lambda: torch.mm(g.T, x), return_mode="median")
+        x, g, r, bounds, rate_ms = random_case(d_in, d_out, n_samples, n_tok)
         for bm, bn, bk, warps, stages in ks.CONFIGS + EXTRA_CONFIGS:
             n_tm, n_tn = ks._cdiv(d_out, bm), ks._cdiv(d_in, bn)
             n_groups = min(n_samples, ks._cdiv(2 * ks._num_sms(x.device), n_tm * n_tn))

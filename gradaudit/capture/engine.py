@@ -14,6 +14,7 @@ attention mask; vision and projector rows are images): the model family's
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -69,7 +70,12 @@ def _loss_inputs(model, batch: dict, layout: Layout | None = None):
 
 def _takes_logits_to_keep(model) -> bool:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes it through
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return _forward_takes_logits_to_keep(type(inner))
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:  # once per model class, not per batch
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def reference_sums(model, batches: Iterable[tuple[dict, Layout]], targets: list[Target]):

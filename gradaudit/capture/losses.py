@@ -36,7 +36,7 @@ class TextRows:
         offsets = torch.zeros(cpu.shape[0] + 1, dtype=torch.int64)
         offsets[1:] = torch.cumsum(per_sample, 0)
         index = true_positions(predicts, labels.device)
-        target = torch.roll(labels, -1, dims=1).reshape(-1).index_select(0, index)
+        target = labels.reshape(-1).index_select(0, index + 1)  # position t predicts the label at t + 1
         return cls(index, target, offsets, per_sample.to(labels.device, torch.float32))
 
     def logits(self, logits: torch.Tensor) -> torch.Tensor:
