@@ -3,7 +3,8 @@ kernel's time under each tuning configuration.
 
 Usage: python benchmarks/profile_direct.py             (CUDA only; prints a table)
        python benchmarks/profile_direct.py --configs   every configuration's registers, spills, shared
-                                                       memory and time at the capture engine's shapes
+                                                       memory and time at the capture engine's shapes, the
+                                                       Triton kernel's and (on Hopper) the Gluon kernel's
 """
 
 import cProfile
@@ -32,7 +33,8 @@ def host_profile(x, g, off, ref, calls=200):
     pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
-EXTRA_CONFIGS = [(64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 256, 64, 4, 3), (64, 128, 64, 4, 4)]
+EXTRA_CONFIGS = [("triton", 64, 128, 64, 4, 3), ("triton", 128, 64, 64, 4, 3), ("triton", 64, 256, 64, 4, 3),
+                 ("triton", 64, 128, 64, 4, 4)]
 
 
 def random_case(d_in, d_out, n_samples, n_tok):
@@ -47,35 +49,28 @@ def random_case(d_in, d_out, n_samples, n_tok):
 
 
 def config_table():
-    """Each configuration of ks.CONFIGS (and EXTRA_CONFIGS, tiles outside the partial sums' memory bound)
-    compiled and timed at the LLaVA-1.5 shapes of benchmarks/bench_capture_gpu.py, with R."""
+    """Each configuration the tuner may try (ks.CONFIGS, on Hopper the Gluon kernel's) and EXTRA_CONFIGS
+    (tiles outside the partial sums' memory bound) compiled and timed at the LLaVA-1.5 shapes of
+    benchmarks/bench_capture_gpu.py, with R, through the package's own launch."""
     for d_in, d_out, n_samples, n_tok in [(1024, 1024, 16, 577), (1024, 4096, 16, 577), (2048, 2048, 16, 657),
                                           (2048, 5632, 16, 657), (5632, 2048, 16, 657), (4096, 4096, 8, 657),
-                                          (4096, 4096, 32, 256)]:
+                                          (4096, 11008, 8, 657), (4096, 4096, 32, 256), (4096, 4096, 8, 2048)]:
         x, g, r, bounds, rate_ms = random_case(d_in, d_out, n_samples, n_tok)
-        for bm, bn, bk, warps, stages in ks.CONFIGS + EXTRA_CONFIGS:
-            n_tm, n_tn = ks._cdiv(d_out, bm), ks._cdiv(d_in, bn)
-            n_groups = min(n_samples, ks._cdiv(2 * ks._num_sms(x.device), n_tm * n_tn))
-            (grp, smp, off), n_groups = ks._device_table(bounds, np.arange(n_samples), n_groups, x.device)
-            row = torch.empty(2, n_tn, n_samples, d_out, device="cuda")
-            col = torch.empty(2, n_tm, n_samples, d_in, device="cuda")
-
-            def launch():
-                return ks._direct_kernel[(n_tm * n_tn, n_groups)](
-                    x, g, r, grp, smp, off, row, col, n_samples, d_in, d_out, x.stride(0), x.stride(1), g.stride(0),
-                    g.stride(1), r.stride(0), r.stride(1), HAS_REF=True, DOT_PRECISION="tf32", BM=bm, BN=bn, BK=bk,
-                    num_warps=warps, num_stages=stages)
-
-            k = launch()
-            ms = do_bench(launch, return_mode="median")
-            print(f"| {d_in}x{d_out} | {n_samples} | {n_tok} | {(bm, bn, bk, warps, stages)} | {k.n_regs} | {k.n_spills} | "
-                  f"{k.metadata.shared // 1024} KiB | {ms:.3f} | {rate_ms / ms:.2f} |", flush=True)
+        samples = np.arange(n_samples)
+        first = None
+        for cfg in ks.candidates(x, g) + EXTRA_CONFIGS:
+            row, col, k = ks.launch_direct(x, g, r, bounds, samples, cfg)
+            ms = do_bench(lambda: ks.launch_direct(x, g, r, bounds, samples, cfg, (row, col)), return_mode="median")
+            first = first or ms
+            print(f"| {d_in}x{d_out} | {n_samples} | {n_tok} | {cfg} | {k.n_regs} | {k.n_spills} | "
+                  f"{k.metadata.shared // 1024} KiB | {ms:.3f} | {rate_ms / ms:.2f} | {first / ms:.2f} |", flush=True)
 
 
 def main():
     if "--configs" in sys.argv:
-        print("| shape | B | T | config (BM, BN, BK, warps, stages) | registers | spilled | shared | ms | of rate |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| shape | B | T | config (kernel, BM, BN, BK, warps, stages) | registers | spilled | shared | ms | of rate "
+              "| speed / first |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         return config_table()
     rows = []
     for d_in, d_out, n_samples, n_tok in [(1024, 1024, 1, 256), (1024, 4096, 32, 256), (4096, 4096, 32, 256),
@@ -95,13 +90,14 @@ def main():
         torch.cuda.synchronize()
         if not rows:
             host_profile(x, g, off, ref)
-        key = next(k for k in ks._tune.best if k.endswith(f"|{d_in}x{d_out}|ref=True|T~{1 << n_tok.bit_length()}"))
+        shape = f"|{d_in}x{d_out}|ref=True|T~{1 << n_tok.bit_length()}"
+        key = next(k for k in ks._tune.best if k.endswith(shape) or k.endswith(shape + "|tma"))
         chosen = ks._tune.best[key]
         times = ks._tune.times.get(key, {})
         print(f"{d_in}x{d_out} B={n_samples} T={n_tok}: " + " ".join(f"{c}={v:.3f}" for c, v in times.items()))
         rows.append((d_in, d_out, n_samples, n_tok, 2 * n * d_in * d_out / rate_ms / 1e9, rate_ms, e2e_ms, host_ms,
                      chosen, times.get(chosen, float("nan"))))
-    print("| shape | B | T | rate TF/s | rate ms | e2e ms | host ms/call | config (BM, BN, BK, warps, stages) | kernel ms | of rate |")
+    print("| shape | B | T | rate TF/s | rate ms | e2e ms | host ms/call | config (kernel, BM, BN, BK, warps, stages) | kernel ms | of rate |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for d_in, d_out, b, t, tf, rate_ms, e2e, host, cfg, ms in rows:
         print(f"| {d_in}x{d_out} | {b} | {t} | {tf:.0f} | {rate_ms:.3f} | {e2e:.3f} | {host:.3f} | {cfg} | "

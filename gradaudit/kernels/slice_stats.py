@@ -6,7 +6,9 @@ Two routes, both over samples packed without padding (``offsets``, like ``cu_seq
   of its group with ``tl.dot`` in a software-pipelined loop over the sample's tokens, then reduces it
   in the epilogue to its rows' and columns' squared norms and dot products with the R tile, which is
   loaded once per program and reused for every sample of the group. 2·T·d_in·d_out FLOPs.
-  (Variants measured slower or broken are listed in benchmarks/results/NOTES.md.)
+  (Variants measured slower or broken are listed in benchmarks/results/NOTES.md.) On Hopper a second
+  kernel for the same route, written in Gluon (``slice_stats_hopper.py``), is timed beside this one
+  and taken per shape where it is faster.
 * Gram (norms only) — r² = diag(Δᵀ(XXᵀ)Δ), c² = diag(Xᵀ(ΔΔᵀ)X): the T × T Gram matrix of each sample,
   then one pass that multiplies it into the other operand and reduces. ≈4T²(d_in+d_out) FLOPs.
 
@@ -32,17 +34,18 @@ import triton.language as tl
 
 log = logging.getLogger("gradaudit")
 
-# Direct-kernel configurations (BM, BN, BK, num_warps, num_stages) tried on a GPU; the first is the
+# Direct-kernel configurations ("triton", BM, BN, BK, num_warps, num_stages) tried on a GPU; the first is the
 # untuned default. BM, BN ≥ 128 keeps the partial sums at most 1/64 of B·d_in·d_out per statistic.
 # Measured on an H100 (benchmarks/profile_direct.py, see benchmarks/results/NOTES.md): re-reading the
 # R tile per sample instead of holding it was slower in every shape tried; tl.range(flatten=True) over
 # the sample loop changed nothing; Triton 3.6's Hopper warp specialisation aborts on this epilogue
-# (its data partitioning refuses a reduction along the partitioned dimension).
+# (its data partitioning refuses a reduction along the partitioned dimension). On Hopper the Gluon
+# kernel's configurations (slice_stats_hopper.CONFIGS) are timed beside these.
 CONFIGS = [
-    (128, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4),
-    (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
+    ("triton", 128, 128, 64, 4, 3), ("triton", 128, 128, 64, 8, 3), ("triton", 128, 128, 32, 4, 4),
+    ("triton", 128, 128, 64, 8, 4), ("triton", 128, 256, 64, 8, 3), ("triton", 128, 256, 64, 8, 4),
 ]
-INTERPRET_CONFIG = (16, 16, 16, 4, 1)  # small tiles under TRITON_INTERPRET=1 cross tile edges cheaply
+INTERPRET_CONFIG = ("triton", 16, 16, 16, 4, 1)  # small tiles under TRITON_INTERPRET=1 cross tile edges cheaply
 
 
 def _interpreting() -> bool:
@@ -171,7 +174,7 @@ def _gram_apply_kernel(
 def _gram_norms(x, grad_out, offsets, ids, lengths):
     """Gram route for samples ``ids`` with token counts ``lengths`` (Python ints, all > 0)."""
     n_sel = ids.numel()
-    tile = INTERPRET_CONFIG[0] if _interpreting() else 64
+    tile = INTERPRET_CONFIG[1] if _interpreting() else 64
     precision = _dot_precision(x.dtype)
     n_tok_max = max(lengths)
     starts = [0]
@@ -218,35 +221,36 @@ def _sample_groups(bounds: np.ndarray, samples: np.ndarray, block: int, n_groups
 
 
 class _Tuner:
-    """Picks a configuration of :data:`CONFIGS` per shape by timing each once on the real inputs, and keeps the
-    choice in memory and in a JSON file (GRADAUDIT_CACHE_DIR, default ~/.cache/gradaudit), so reruns
-    use the same configuration. GRADAUDIT_AUTOTUNE=0 takes the first configuration untimed."""
+    """Picks a configuration per shape among the candidates it is given (:data:`CONFIGS`, and on Hopper the
+    Gluon kernel's) by timing each once on the real inputs, and keeps the choice in memory and in a JSON
+    file (GRADAUDIT_CACHE_DIR, default ~/.cache/gradaudit), so reruns use the same configuration.
+    GRADAUDIT_AUTOTUNE=0 takes the first candidate untimed."""
 
     def __init__(self):
         self.best: dict[str, tuple] | None = None
         self.times: dict[str, dict] = {}  # what each configuration took, for benchmarks/profile_direct.py
         root = os.environ.get("GRADAUDIT_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "gradaudit"))
-        self.path = os.path.join(root, f"direct-triton-{triton.__version__}.json")
+        self.path = os.path.join(root, f"direct-{triton.__version__}.json")
 
     def _load(self):
         try:
             with open(self.path) as f:
                 self.best = {k: tuple(v) for k, v in json.load(f).items()}
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):
             self.best = {}
 
-    def __call__(self, key: str, launch) -> tuple:
+    def __call__(self, key: str, launch, candidates: list[tuple]) -> tuple:
         if self.best is None:
             self._load()
-        if key not in self.best:
+        if self.best.get(key) not in candidates:  # not tuned yet, or a cache from another version of the list
             if os.environ.get("GRADAUDIT_AUTOTUNE", "1") in ("", "0"):
-                return CONFIGS[0]
+                return candidates[0]
             from triton.testing import do_bench
 
             times = {}
-            for cfg in CONFIGS:
+            for cfg in candidates:
                 try:
-                    times[cfg] = do_bench(lambda: launch(*cfg), warmup=5, rep=25)
+                    times[cfg] = do_bench(lambda: launch(cfg), warmup=5, rep=25)
                 except Exception as exc:  # e.g. out of shared memory on this card, or a compiler limitation
                     log.info("direct kernel config %s skipped for %s: %s", cfg, key, type(exc).__name__)
             self.best[key] = min(times, key=times.get)
@@ -287,45 +291,83 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+@functools.cache
+def _hopper_kernel():
+    """The Gluon kernel's module, imported on first use on a CUDA device (None where Triton has no Gluon)."""
+    try:
+        from gradaudit.kernels import slice_stats_hopper
+    except ImportError as exc:
+        log.info("the Hopper kernel is not available: %s", exc)
+        return None
+    return slice_stats_hopper
+
+
+def candidates(x, grad_out) -> list[tuple]:
+    """The direct-route configurations that can run on these inputs: the Triton kernel's, and on Hopper,
+    for bf16/fp16 rows TMA can read, the Gluon kernel's."""
+    if _interpreting():
+        return [INTERPRET_CONFIG]
+    hopper = _hopper_kernel()
+    return CONFIGS + (hopper.CONFIGS if hopper is not None and hopper.usable(x, grad_out) else [])
+
+
+def launch_direct(x, grad_out, ref, bounds, samples, cfg, outs=None):
+    """One launch of the direct route in configuration ``cfg`` (kernel, BM, BN, BK, warps, stages) for
+    ``samples`` (np int64 indices into the B samples of ``bounds``). Returns the partial-sum buffers rows
+    (n_q, ⌈d_in/BN⌉, B, d_out) and cols (n_q, ⌈d_out/BM⌉, B, d_in), float32 (written into ``outs`` if
+    given), and what the launcher returned (the compiled kernel)."""
+    kernel, bm, bn, bk, num_warps, num_stages = cfg
+    n_out = len(bounds) - 1
+    d_in, d_out = x.shape[1], grad_out.shape[1]
+    has_ref = ref is not None
+    n_q = 2 if has_ref else 1
+    n_tm, n_tn = _cdiv(d_out, bm), _cdiv(d_in, bn)
+    per_sm = 1 if kernel == "pingpong" else 2  # the Gluon kernel fills an SM's shared memory alone
+    n_groups = min(len(samples), _cdiv(per_sm * _num_sms(x.device), n_tm * n_tn))
+    (grp, smp, offsets), n_groups = _device_table(bounds, samples, n_groups, x.device)
+    if outs is None:
+        outs = (torch.empty(n_q, n_tn, n_out, d_out, dtype=torch.float32, device=x.device),
+                torch.empty(n_q, n_tm, n_out, d_in, dtype=torch.float32, device=x.device))
+    row, col = outs
+    if kernel == "pingpong":
+        compiled = _hopper_kernel().launch(x, grad_out, ref, grp, smp, offsets, row, col, n_groups, bm, bn, bk,
+                                           num_warps, num_stages)
+        return row, col, compiled
+    r = ref if has_ref else x
+    compiled = _direct_kernel[(n_tm * n_tn, n_groups)](
+        x, grad_out, r, grp, smp, offsets, row, col, n_out, d_in, d_out,
+        x.stride(0), x.stride(1), grad_out.stride(0), grad_out.stride(1),
+        r.stride(0) if has_ref else 0, r.stride(1) if has_ref else 0,
+        HAS_REF=has_ref, DOT_PRECISION=_dot_precision(x.dtype), BM=bm, BN=bn, BK=bk,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return row, col, compiled
+
+
 def _direct(x, grad_out, bounds, samples, ref):
     """Direct route for ``samples`` (np int64 indices into the B samples of ``bounds``).
 
     Returns rows (n_q, B, d_out) and cols (n_q, B, d_in) float32, q = 0 squares, 1 dot products with R;
     only the rows of ``samples`` are meaningful.
     """
-    n_out = len(bounds) - 1
     d_in, d_out = x.shape[1], grad_out.shape[1]
     has_ref = ref is not None
-    n_q = 2 if has_ref else 1
-    r = ref if has_ref else x
-    precision = _dot_precision(x.dtype)
-
-    def run(bm, bn, bk, num_warps, num_stages):
-        n_tm, n_tn = _cdiv(d_out, bm), _cdiv(d_in, bn)
-        n_groups = min(len(samples), _cdiv(2 * _num_sms(x.device), n_tm * n_tn))
-        (grp, smp, offsets), n_groups = _device_table(bounds, samples, n_groups, x.device)
-        row = torch.empty(n_q, n_tn, n_out, d_out, dtype=torch.float32, device=x.device)
-        col = torch.empty(n_q, n_tm, n_out, d_in, dtype=torch.float32, device=x.device)
-        _direct_kernel[(n_tm * n_tn, n_groups)](
-            x, grad_out, r, grp, smp, offsets, row, col, n_out, d_in, d_out,
-            x.stride(0), x.stride(1), grad_out.stride(0), grad_out.stride(1),
-            r.stride(0) if has_ref else 0, r.stride(1) if has_ref else 0,
-            HAS_REF=has_ref, DOT_PRECISION=precision, BM=bm, BN=bn, BK=bk,
-            num_warps=num_warps, num_stages=num_stages,
-        )
-        return row, col
-
     if _interpreting():
         cfg = INTERPRET_CONFIG
     else:
         tokens = int(bounds[samples + 1].sum() - bounds[samples].sum()) // len(samples)
         bucket = 1 << max(tokens, 1).bit_length()  # mean tokens per sample, to the power of 2 above
-        fast_key = (x.device, x.dtype, r.dtype, d_in, d_out, has_ref, bucket)
+        ref_dtype = ref.dtype if has_ref else None
+        fast_key = (x.device, x.dtype, ref_dtype, d_in, d_out, bucket, x.stride(), grad_out.stride(),
+                    x.data_ptr() % 16, grad_out.data_ptr() % 16)  # what decides the candidates, too
         cfg = _chosen.get(fast_key)
         if cfg is None:
-            key = f"{_device_name(x.device)}|{x.dtype}|{r.dtype}|{d_in}x{d_out}|ref={has_ref}|T~{bucket}"
-            cfg = _chosen[fast_key] = _tune(key, run)
-    row, col = run(*cfg)
+            options = candidates(x, grad_out)
+            tma = "|tma" if options != CONFIGS else ""
+            key = f"{_device_name(x.device)}|{x.dtype}|{ref_dtype}|{d_in}x{d_out}|ref={has_ref}|T~{bucket}{tma}"
+            cfg = _chosen[fast_key] = _tune(key, lambda c: launch_direct(x, grad_out, ref, bounds, samples, c),
+                                            options)
+    row, col, _ = launch_direct(x, grad_out, ref, bounds, samples, cfg)
     # partial sums added in a fixed order; a single tile along an axis needs no sum
     return (row[:, 0] if row.shape[1] == 1 else row.sum(1)), (col[:, 0] if col.shape[1] == 1 else col.sum(1))
 

@@ -105,3 +105,82 @@ def test_memory_stays_far_below_per_sample_gradients():
     per_sample_grads = n_samples * d_in * d_out * 4
     # partial sums: rows ⌈d_in/128⌉ and columns ⌈d_out/128⌉ per sample, for squares and dots: 1/32 with R
     assert extra <= per_sample_grads / 32 * 1.25, extra / per_sample_grads
+
+
+# The Gluon kernel for Hopper (gradaudit/kernels/slice_stats_hopper.py). The tuner picks it only where it is
+# faster, and GRADAUDIT_AUTOTUNE=0 (make test-gpu) takes the Triton kernel: these tests force it.
+from gradaudit.kernels import slice_stats as ks  # noqa: E402
+from gradaudit.kernels import slice_stats_hopper as hopper  # noqa: E402
+
+
+@pytest.fixture
+def force_config(monkeypatch):
+    """``force_config(cfg)``: every direct-route call from now on runs in configuration ``cfg``."""
+
+    def force(cfg):
+        def tune(key, launch, options):
+            assert cfg in options, f"{cfg} is not a candidate for {key}"
+            return cfg
+
+        monkeypatch.setattr(ks, "_chosen", {})
+        monkeypatch.setattr(ks, "_tune", tune)
+
+    return force
+
+
+def _on_hopper():
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.parametrize("cfg", hopper.CONFIGS)
+@pytest.mark.parametrize(
+    "lengths,d_in,d_out,dtype,ref_dtype",
+    [([300, 0, 1, 77, 700], 1024, 1024, torch.bfloat16, torch.float32),
+     ([5, 129, 64, 0, 33], 520, 1000, torch.bfloat16, torch.bfloat16),
+     ([3], 2048, 64, torch.float16, torch.float32),
+     ([40] * 37, 256, 4096, torch.float16, None)],
+)
+def test_hopper_kernel_error_at_most_twice_plain_pytorch(force_config, cfg, lengths, d_in, d_out, dtype, ref_dtype):
+    """The ping-pong kernel: ragged samples, empty ones, a block past the last token, odd group sizes."""
+    if not _on_hopper():
+        pytest.fail("the Gluon kernel needs a Hopper GPU (sm_90); this card is not one")
+    force_config(cfg)
+    x, g, off, bounds, r = _case(lengths, d_in, d_out, dtype, ref_dtype is not None, seed=4)
+    r = r.to(ref_dtype) if r is not None else None
+    assert hopper.usable(x, g)
+    got = slice_stats(x, g, off, r, backend="triton")
+    want = slice_stats_reference(x, g, bounds, r)
+    plain = _plain_torch(x, g, bounds, r)
+    for key in want:
+        ours, theirs = _rel_err(getattr(got, key), want[key]), _rel_err(plain[key], want[key])
+        assert ours <= max(2 * theirs, 1e-5), f"{key}: ours {ours:.2e}, plain {dtype} {theirs:.2e}"
+    empty = [b for b, n in enumerate(lengths) if n == 0]
+    for key in want:
+        assert (getattr(got, key)[empty] == 0).all()
+    again = slice_stats(x, g, off, r, backend="triton")
+    for key in want:
+        assert torch.equal(getattr(got, key), getattr(again, key)), f"{key} not bit-identical when repeated"
+
+
+@pytest.mark.parametrize("cfg", hopper.CONFIGS)
+def test_hopper_kernel_keeps_a_non_finite_value_in_its_sample(force_config, cfg):
+    """A NaN in one sample's x and an Inf in its Δ leave the samples on either side finite (the ping-pong
+    kernel zeroes both operands' rows past a sample's end, so the next sample's values never mix in)."""
+    force_config(cfg)
+    x, g, off, _, r = _case([100, 50, 0, 70, 20], 1024, 512, torch.bfloat16, True, seed=5)
+    x[120, 3] = float("nan")
+    g[130, 5] = float("inf")  # both in sample 1 (tokens 100–149)
+    got = slice_stats(x, g, off, r, backend="triton")
+    for key in KEYS:
+        finite = torch.isfinite(getattr(got, key)).all(dim=1).tolist()
+        assert finite == [True, False, True, True, True], (key, finite)
+
+
+def test_hopper_kernel_is_offered_only_for_inputs_it_can_read():
+    x, g, *_ = _case([64, 64], 1024, 512, torch.bfloat16, False)
+    assert (hopper.CONFIGS[0] in ks.candidates(x, g)) == _on_hopper()
+    assert not hopper.usable(x.float(), g.float())  # fp32: the Triton kernel only
+    assert not hopper.usable(x[:, 1:], g[:, 1:])  # rows not 16-byte aligned
+    assert not hopper.usable(x[:, :127], g)  # a row length TMA cannot step (254 bytes), as a view
+    assert not hopper.usable(x.T.contiguous().T, g)  # columns contiguous instead of rows
+    assert ks.candidates(x.float(), g.float()) == ks.CONFIGS
