@@ -40,7 +40,7 @@ TEXT = {  # hidden, intermediate, layers, heads, KV heads
     "1b": (2048, 5632, 22, 32, 4),
     "7b": (4096, 11008, 32, 32, 32),
 }
-STATS_KERNELS = ("_direct_kernel", "_gram_kernel", "_gram_apply_kernel")
+STATS_KERNELS = ("_direct_kernel", "direct_kernel_pingpong", "_gram_kernel", "_gram_apply_kernel")
 REPS = 5
 
 
@@ -226,7 +226,7 @@ def markdown(res):
                              f"{r['weights']} | {loop} | {r['engine']:.1f} | {r['fwd_bwd']:.1f} | {ratio} | "
                              f"{r['engine'] / r['fwd_bwd']:.2f} |")
     lines += ["", "## Where an engine batch's time goes (ms per batch)", "",
-              "GPU busy: union of kernel intervals (torch.profiler); statistics kernels: the Triton kernels, with "
+              "GPU busy: union of kernel intervals (torch.profiler); statistics kernels: the slice-statistics kernels, with "
               "the statistics' FLOPs (2·N·d_in·d_out per layer) and their rate; "
               "added kernels: the engine's other kernel time above the floor's; host in hooks: time inside the "
               "reducing callbacks (unprofiled), with µs per call; idle: wall less busy.", "",
@@ -247,6 +247,7 @@ def markdown(res):
                              f"{s['host_hooks_ms']:.1f} ({per_call:.0f}) | {s['idle_ms']:.1f} |")
     lines += ["", "Runs: " + "; ".join(f"{t}: `{r['command']}`, {r['date']}, torch {r['torch']}, commit {r['commit']}"
                                       for t, r in runs.items())]
+    lines += [f"Note on {t}: {r['note']}" for t, r in runs.items() if r.get("note")]
     return "\n".join(lines)
 
 

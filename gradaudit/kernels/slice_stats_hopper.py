@@ -14,10 +14,10 @@ TMA loads whole blocks of BK tokens; where a block runs past a sample's end, the
 operands' rows there in shared memory (one would do for finite values, but the next sample's Inf or NaN
 times zero is NaN). Rows past the last token are zero-filled by TMA itself.
 
-Inputs it takes (:func:`usable`): bf16 or fp16, on a device of compute capability 9.0, rows contiguous
-and 16-byte aligned (TMA's rules); anything else takes the Triton kernel. Measured against that kernel
-at the capture engine's shapes by ``benchmarks/profile_direct.py --configs`` (figures in
-benchmarks/results/NOTES.md).
+Inputs it takes (:func:`usable`): bf16 or fp16, on a device of compute capability 9.0, rows contiguous,
+16-byte aligned and a multiple of 8 elements long (what TMA reads and the GPU tests cover); anything
+else takes the Triton kernel. Measured against that kernel at the capture engine's shapes by
+``benchmarks/profile_direct.py --configs`` (figures in benchmarks/results/NOTES.md).
 """
 
 from __future__ import annotations
@@ -192,12 +192,16 @@ def _hopper(device: torch.device) -> bool:
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
-    return t.stride(1) == 1 and t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
+    """Rows contiguous, 16-byte aligned and a multiple of 16 bytes long. TMA itself would take a narrower
+    view of aligned rows (zeros past its edge), but the GPU tests cover only whole rows: so does this."""
+    size = t.element_size()
+    return (t.stride(1) == 1 and t.stride(0) * size % 16 == 0 and t.shape[1] * size % 16 == 0
+            and t.data_ptr() % 16 == 0)
 
 
 def usable(x: torch.Tensor, grad_out: torch.Tensor) -> bool:
     """Whether this kernel takes these inputs: bf16 or fp16 on a Hopper GPU (sm_90), both operands' rows
-    contiguous and 16-byte aligned, at least one token."""
+    contiguous, 16-byte aligned and a multiple of 8 elements long, at least one token."""
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] > 0 and _hopper(x.device)
             and _tma_ready(x) and _tma_ready(grad_out))
 

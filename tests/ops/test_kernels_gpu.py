@@ -181,6 +181,7 @@ def test_hopper_kernel_is_offered_only_for_inputs_it_can_read():
     assert (hopper.CONFIGS[0] in ks.candidates(x, g)) == _on_hopper()
     assert not hopper.usable(x.float(), g.float())  # fp32: the Triton kernel only
     assert not hopper.usable(x[:, 1:], g[:, 1:])  # rows not 16-byte aligned
-    assert not hopper.usable(x[:, :127], g)  # a row length TMA cannot step (254 bytes), as a view
+    assert not hopper.usable(x[:, :127], g)  # a row of 254 bytes, here a view of aligned rows
+    assert not hopper.usable(x[:, :127].contiguous(), g)  # and as its own tensor, a stride TMA cannot step
     assert not hopper.usable(x.T.contiguous().T, g)  # columns contiguous instead of rows
     assert ks.candidates(x.float(), g.float()) == ks.CONFIGS
