@@ -236,7 +236,7 @@ class _Tuner:
         try:
             with open(self.path) as f:
                 self.best = {k: tuple(v) for k, v in json.load(f).items()}
-        except (OSError, ValueError, TypeError):
+        except (OSError, ValueError, TypeError, AttributeError):  # unreadable, or not the mapping written here
             self.best = {}
 
     def __call__(self, key: str, launch, candidates: list[tuple]) -> tuple:
@@ -302,13 +302,17 @@ def _hopper_kernel():
     return slice_stats_hopper
 
 
+def _hopper_reads(x, grad_out) -> bool:
+    hopper = _hopper_kernel() if x.is_cuda else None
+    return hopper is not None and hopper.usable(x, grad_out)
+
+
 def candidates(x, grad_out) -> list[tuple]:
     """The direct-route configurations that can run on these inputs: the Triton kernel's, and on Hopper,
     for bf16/fp16 rows TMA can read, the Gluon kernel's."""
     if _interpreting():
         return [INTERPRET_CONFIG]
-    hopper = _hopper_kernel()
-    return CONFIGS + (hopper.CONFIGS if hopper is not None and hopper.usable(x, grad_out) else [])
+    return CONFIGS + (_hopper_kernel().CONFIGS if _hopper_reads(x, grad_out) else [])
 
 
 def launch_direct(x, grad_out, ref, bounds, samples, cfg, outs=None):
@@ -358,12 +362,12 @@ def _direct(x, grad_out, bounds, samples, ref):
         tokens = int(bounds[samples + 1].sum() - bounds[samples].sum()) // len(samples)
         bucket = 1 << max(tokens, 1).bit_length()  # mean tokens per sample, to the power of 2 above
         ref_dtype = ref.dtype if has_ref else None
-        fast_key = (x.device, x.dtype, ref_dtype, d_in, d_out, bucket, x.stride(), grad_out.stride(),
-                    x.data_ptr() % 16, grad_out.data_ptr() % 16)  # what decides the candidates, too
+        tma = _hopper_reads(x, grad_out)  # which candidates there are: part of both keys
+        fast_key = (x.device, x.dtype, ref_dtype, d_in, d_out, bucket, tma)
         cfg = _chosen.get(fast_key)
         if cfg is None:
             options = candidates(x, grad_out)
-            tma = "|tma" if options != CONFIGS else ""
+            tma = "|tma" if tma else ""
             key = f"{_device_name(x.device)}|{x.dtype}|{ref_dtype}|{d_in}x{d_out}|ref={has_ref}|T~{bucket}{tma}"
             cfg = _chosen[fast_key] = _tune(key, lambda c: launch_direct(x, grad_out, ref, bounds, samples, c),
                                             options)

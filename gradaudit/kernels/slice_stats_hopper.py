@@ -192,18 +192,20 @@ def _hopper(device: torch.device) -> bool:
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
-    """Rows contiguous, 16-byte aligned and a multiple of 16 bytes long. TMA itself would take a narrower
-    view of aligned rows (zeros past its edge), but the GPU tests cover only whole rows: so does this."""
+    """Rows contiguous, 16-byte aligned, a multiple of 16 bytes long and not overlapping (no broadcast rows).
+    TMA itself would take a narrower view of aligned rows (zeros past its edge), but the GPU tests cover
+    only whole rows: so does this."""
     size = t.element_size()
-    return (t.stride(1) == 1 and t.stride(0) * size % 16 == 0 and t.shape[1] * size % 16 == 0
-            and t.data_ptr() % 16 == 0)
+    return (t.stride(1) == 1 and t.stride(0) >= t.shape[1] and t.stride(0) * size % 16 == 0
+            and t.shape[1] * size % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
 def usable(x: torch.Tensor, grad_out: torch.Tensor) -> bool:
     """Whether this kernel takes these inputs: bf16 or fp16 on a Hopper GPU (sm_90), both operands' rows
-    contiguous, 16-byte aligned and a multiple of 8 elements long, at least one token."""
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] > 0 and _hopper(x.device)
-            and _tma_ready(x) and _tma_ready(grad_out))
+    contiguous, 16-byte aligned and a multiple of 8 elements long, at least one token and fewer than 2³¹
+    (TMA's coordinates and the kernel's token arithmetic are int32)."""
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < x.shape[0] < 2**31
+            and _hopper(x.device) and _tma_ready(x) and _tma_ready(grad_out))
 
 
 def _layout(block, dtype):
