@@ -7,7 +7,7 @@ while the other's products run on the tensor cores. Each consumer has its own ri
 shared ring, a consumer waiting for a block several uses of a buffer ahead would see an older phase
 complete) and keeps its 128 × BN tile as two 64-row accumulators; the R tile sits in shared memory as
 fp32 and is read half a tile at a time in the epilogue. Every configuration of the Triton kernel with R
-ran at 255 registers and spilled; this one runs at 168, none spilled (``tests/ops/test_slice_stats.py``
+ran at 255 registers and spilled; this one runs at 168, none spilled (``tests/ops/test_slice_stats_hopper.py``
 compiles it for sm_90 on any machine and checks).
 
 TMA loads whole blocks of BK tokens; where a block runs past a sample's end, the consumer zeroes both
@@ -27,11 +27,12 @@ import functools
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                            warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 # (name, BM, BN, BK, warps of the first consumer, STAGES): the tuner in slice_stats.py times these beside the
-# Triton kernel's configurations. With R, 8 stages of BK = 32 fill 192 KiB of shared memory (R's tile 64).
+# Triton kernel's configurations. 8 stages of BK = 32 take 128 KiB of shared memory, R's tile 64 KiB more.
 CONFIGS = [("pingpong", 128, 128, 32, 4, 8), ("pingpong", 128, 128, 64, 4, 4)]
 
 
@@ -45,7 +46,6 @@ def _stage_r(R, r_smem, ti, tj, d_in, d_out, stride_ri, stride_rj, BM: gl.conste
     r = gl.load(R + ri[:, None] * stride_ri + rj[None, :] * stride_rj,
                 mask=(ri < d_out)[:, None] & (rj < d_in)[None, :], other=0.0)
     r_smem.store(r.to(gl.float32))
-
 
 
 @gluon.jit
