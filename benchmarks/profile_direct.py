@@ -62,7 +62,8 @@ def config_table():
             row, col, k = ks.launch_direct(x, g, r, bounds, samples, cfg)
             ms = do_bench(lambda: ks.launch_direct(x, g, r, bounds, samples, cfg, (row, col)), return_mode="median")
             first = first or ms
-            print(f"| {d_in}x{d_out} | {n_samples} | {n_tok} | {cfg} | {k.n_regs} | {k.n_spills} | "
+            regs, spills = getattr(k, "n_regs", "?"), getattr(k, "n_spills", "?")  # as the launcher reports them
+            print(f"| {d_in}x{d_out} | {n_samples} | {n_tok} | {cfg} | {regs} | {spills} | "
                   f"{k.metadata.shared // 1024} KiB | {ms:.3f} | {rate_ms / ms:.2f} | {first / ms:.2f} |", flush=True)
 
 
